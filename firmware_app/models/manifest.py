@@ -1,0 +1,211 @@
+"""The model manifest (``manifest.toml`` beside ``model.tflite``), validated strictly.
+
+Unknown keys are an error; a missing required key is named; thresholds must lie within their bounds.
+The schema is in ../shared/DESIGN.md. Optional tables: ``[calibration]`` (temperature or Platt scaling
+applied by the task so the confidence shown is calibrated) and ``[golden]`` (tolerance of the golden
+vectors in ``golden/*.npz``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from firmware_app.errors import BadModel
+from firmware_app.tomlio import load_toml
+
+TASKS = ("classification", "segmentation", "detection")
+COLORS = ("gray", "rgb", "bgr")
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+LAYOUTS = ("ssd_postprocess", "boxes_scores")
+_SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$")
+_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    method: str = "none"  # none | temperature | platt
+    temperature: float = 1.0
+    a: float = 1.0  # platt: p = sigmoid(a * logit + b)
+    b: float = 0.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    version: str
+    task: str
+    intended_use: str
+    cleared_for_clinical_use: bool
+    width: int
+    height: int
+    color: str
+    range: tuple[float, float]
+    labels: tuple[str, ...]
+    activation: str
+    alert: float
+    alert_min: float
+    alert_max: float
+    layout: str | None = None
+    heatmap_output: int | None = None
+    calibration: Calibration = Calibration()
+    golden_atol: float = 1.0
+    path: Path | None = None  # the folder
+
+    def clamp_threshold(self, value: float) -> float:
+        """A clinician's threshold, kept inside the manifest's bounds."""
+        return min(max(float(value), self.alert_min), self.alert_max)
+
+
+# key -> (python types, required)
+_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "": {
+        "id": ((str,), True),
+        "version": ((str,), True),
+        "task": ((str,), True),
+        "intended_use": ((str,), True),
+        "cleared_for_clinical_use": ((bool,), True),
+        "input": ((dict,), True),
+        "output": ((dict,), True),
+        "thresholds": ((dict,), True),
+        "calibration": ((dict,), False),
+        "golden": ((dict,), False),
+    },
+    "input": {
+        "width": ((int,), True),
+        "height": ((int,), True),
+        "color": ((str,), True),
+        "range": ((list,), True),
+    },
+    "output": {
+        "labels": ((list,), True),
+        "activation": ((str,), True),
+        "layout": ((str,), False),
+        "heatmap_output": ((int,), False),
+    },
+    "thresholds": {
+        "alert": ((float, int), True),
+        "alert_min": ((float, int), True),
+        "alert_max": ((float, int), True),
+    },
+    "calibration": {
+        "method": ((str,), True),
+        "temperature": ((float, int), False),
+        "a": ((float, int), False),
+        "b": ((float, int), False),
+        "ece_before": ((float, int), False),
+        "ece_after": ((float, int), False),
+    },
+    "golden": {"atol": ((float, int), True)},
+}
+
+
+def _check_table(table: dict[str, Any], section: str, where: str) -> None:
+    schema = _SCHEMA[section]
+    prefix = f"[{section}] " if section else ""
+    for key, value in table.items():
+        if key not in schema:
+            raise BadModel(f"{where}: unknown key {prefix}{key!r}; allowed: {', '.join(schema)}")
+        types, _ = schema[key]
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise BadModel(f"{where}: {prefix}{key} must be {names}, got {type(value).__name__} {value!r}")
+    for key, (_, required) in schema.items():
+        if required and key not in table:
+            raise BadModel(f"{where}: missing required key {prefix}{key}")
+
+
+def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None) -> Manifest:
+    _check_table(data, "", where)
+    for section in ("input", "output", "thresholds", "calibration", "golden"):
+        if section in data:
+            _check_table(data[section], section, where)
+    inp, out, thr = data["input"], data["output"], data["thresholds"]
+
+    def bad(msg: str) -> BadModel:
+        return BadModel(f"{where}: {msg}")
+
+    if not _ID.match(data["id"]):
+        raise bad(f"id {data['id']!r} must be lower-case letters, digits, '.', '_' or '-' (max 64)")
+    if not _SEMVER.match(data["version"]):
+        raise bad(f"version {data['version']!r} is not semantic (MAJOR.MINOR.PATCH)")
+    if data["task"] not in TASKS:
+        raise bad(f"task {data['task']!r} must be one of {', '.join(TASKS)}")
+    if not (0 < inp["width"] <= 4096 and 0 < inp["height"] <= 4096):
+        raise bad(f"[input] width/height {inp['width']}x{inp['height']} out of range 1..4096")
+    if inp["color"] not in COLORS:
+        raise bad(f"[input] color {inp['color']!r} must be one of {', '.join(COLORS)}")
+    rng = inp["range"]
+    if len(rng) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng):
+        raise bad(f"[input] range must be [low, high] numbers, got {rng!r}")
+    if not rng[0] < rng[1]:
+        raise bad(f"[input] range {rng!r}: low must be below high")
+    labels = out["labels"]
+    if len(labels) < 1 or not all(isinstance(x, str) and x for x in labels):
+        raise bad("[output] labels must be a non-empty list of non-empty strings")
+    if len(set(labels)) != len(labels):
+        raise bad(f"[output] labels {labels!r} has duplicates")
+    if out["activation"] not in ACTIVATIONS:
+        raise bad(f"[output] activation {out['activation']!r} must be one of {', '.join(ACTIVATIONS)}")
+    layout = out.get("layout")
+    if data["task"] == "detection":
+        if layout is None:
+            raise bad("missing required key [output] layout for a detection model (e.g. 'ssd_postprocess')")
+        if layout not in LAYOUTS:
+            raise bad(f"[output] layout {layout!r} must be one of {', '.join(LAYOUTS)}")
+    elif layout is not None:
+        raise bad(f"[output] layout applies to detection models only, not {data['task']}")
+    if data["task"] == "segmentation" and len(labels) < 2:
+        raise bad("[output] labels of a segmentation model need at least [background, finding]")
+    lo, alert, hi = float(thr["alert_min"]), float(thr["alert"]), float(thr["alert_max"])
+    if not (0.0 <= lo <= alert <= hi <= 1.0):
+        raise bad(f"[thresholds] need 0 <= alert_min ({lo}) <= alert ({alert}) <= alert_max ({hi}) <= 1")
+    cal = Calibration()
+    if "calibration" in data:
+        c = data["calibration"]
+        if c["method"] not in ("none", "temperature", "platt"):
+            raise bad(f"[calibration] method {c['method']!r} must be none, temperature or platt")
+        t = float(c.get("temperature", 1.0))
+        if not t > 0:
+            raise bad(f"[calibration] temperature {t} must be > 0")
+        if c["method"] == "platt" and ("a" not in c or "b" not in c):
+            raise bad("[calibration] method 'platt' needs keys a and b")
+        cal = Calibration(c["method"], t, float(c.get("a", 1.0)), float(c.get("b", 0.0)))
+    atol = float(data.get("golden", {}).get("atol", 1.0))
+    if atol < 0:
+        raise bad(f"[golden] atol {atol} must be >= 0")
+    return Manifest(
+        id=data["id"],
+        version=data["version"],
+        task=data["task"],
+        intended_use=data["intended_use"],
+        cleared_for_clinical_use=data["cleared_for_clinical_use"],
+        width=inp["width"],
+        height=inp["height"],
+        color=inp["color"],
+        range=(float(rng[0]), float(rng[1])),
+        labels=tuple(labels),
+        activation=out["activation"],
+        alert=alert,
+        alert_min=lo,
+        alert_max=hi,
+        layout=layout,
+        heatmap_output=out.get("heatmap_output"),
+        calibration=cal,
+        golden_atol=atol,
+        path=folder,
+    )
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    """Read and validate ``folder/manifest.toml``; BadModel names the file and the problem."""
+    folder = Path(folder)
+    path = folder / "manifest.toml"
+    data = load_toml(path, BadModel, what="model manifest")
+    return parse_manifest(data, str(path), folder)

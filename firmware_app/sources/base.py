@@ -1,0 +1,132 @@
+"""The source interface: something that yields Frames.
+
+A source is opened, read until it returns None (end of stream) and closed. ``read`` blocks until the
+next frame is available. A live source (a camera, a paced synthetic feed) sets ``live = True``: the
+pipeline then keeps only the newest frame. A finite source (a DICOM file, an image folder, a video file
+replayed as fast as possible) sets ``live = False`` and every frame is processed.
+
+``read`` raises SourceUnavailable when the device is absent right now (the screen shows NO SIGNAL and the
+pipeline calls ``read`` again later: the source reconnects itself) and BadFrame for one unreadable item
+(it is reported, counted and skipped; the next ``read`` moves on).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from firmware_app.sources.profile import SourceProfile
+from firmware_app.types import Frame
+
+
+class Source:
+    scheme: ClassVar[str] = ""
+    live: bool = True
+
+    def __init__(self, uri: str, profile: SourceProfile | None = None) -> None:
+        self.uri = uri
+        self.profile = profile or SourceProfile()
+        self._next_id = 0
+        # set by stop(): a read() that waits (a watched folder, a reconnect back-off) returns None soon after
+        self.stopping = threading.Event()
+
+    @classmethod
+    def from_uri(
+        cls,
+        uri: str,
+        target: str,
+        params: dict[str, str],
+        *,
+        profile: SourceProfile | None,
+        options: dict[str, Any],
+    ) -> Source:
+        """Build the source from its parsed URI. Raise BadSource naming the URI for a bad parameter."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Ask a blocking read() to return None soon; called from another thread."""
+        self.stopping.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Acquire the device or file. Raise BadSource when it can never work."""
+
+    def read(self) -> Frame | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the device. Safe to call twice."""
+        self.stopping.set()
+
+    def __enter__(self) -> Source:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def make_frame(
+        self,
+        pixels: np.ndarray,
+        meta: Mapping[str, Any] | None = None,
+        truth: np.ndarray | None = None,
+        truth_boxes: tuple[tuple[int, int, int, int], ...] | None = None,
+        t_capture_ns: int | None = None,
+    ) -> Frame:
+        """Apply the source profile (crop, blackout) and stamp the next id and the capture time."""
+        t = time.monotonic_ns() if t_capture_ns is None else t_capture_ns
+        full_shape = pixels.shape
+        pixels = self.profile.apply(pixels)
+        if truth is not None:
+            truth = self.profile.crop(truth)
+        if truth_boxes is not None and self.profile.crop_rect is not None:
+            cx, cy = self.profile.crop_rect[0], self.profile.crop_rect[1]
+            truth_boxes = tuple((x0 - cx, y0 - cy, x1 - cx, y1 - cy) for x0, y0, x1, y1 in truth_boxes)
+        m = {"source": self.uri, "full_size": (int(full_shape[1]), int(full_shape[0]))}
+        if meta:
+            m.update(meta)
+        frame = Frame(
+            id=self._next_id,
+            t_capture_ns=t,
+            pixels=pixels,
+            meta=m,
+            truth=truth,
+            truth_boxes=truth_boxes,
+        )
+        self._next_id += 1
+        return frame
+
+
+def int_param(uri: str, params: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+    """Read an integer query parameter of a source URI, or raise BadSource naming it."""
+    from firmware_app.errors import BadSource
+
+    if name not in params:
+        return default
+    try:
+        value = int(params[name])
+    except ValueError:
+        raise BadSource(f"source {uri!r}: {name}={params[name]!r} is not an integer") from None
+    if value < minimum:
+        raise BadSource(f"source {uri!r}: {name}={value} must be >= {minimum}")
+    return value
+
+
+def float_param(uri: str, params: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    """Read a number query parameter of a source URI, or raise BadSource naming it."""
+    from firmware_app.errors import BadSource
+
+    if name not in params:
+        return default
+    try:
+        value = float(params[name])
+    except ValueError:
+        raise BadSource(f"source {uri!r}: {name}={params[name]!r} is not a number") from None
+    if not value >= minimum:
+        raise BadSource(f"source {uri!r}: {name}={value} must be >= {minimum}")
+    return value

@@ -1,0 +1,70 @@
+"""Rolling per-stage timings (p50/p99) and the pipeline's counters."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+
+
+class RollingTimes:
+    """Thread-safe rolling window of durations per stage, in milliseconds."""
+
+    def __init__(self, window: int = 600) -> None:
+        self.window = window
+        self._data: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, ms: float) -> None:
+        with self._lock:
+            d = self._data.get(stage)
+            if d is None:
+                d = self._data[stage] = deque(maxlen=self.window)
+            d.append(ms)
+
+    def add_ns(self, stage: str, t0_ns: int, t1_ns: int) -> None:
+        self.add(stage, (t1_ns - t0_ns) / 1e6)
+
+    def percentiles(self, stage: str) -> dict[str, float] | None:
+        with self._lock:
+            d = self._data.get(stage)
+            arr = np.fromiter(d, dtype=np.float64) if d else None
+        if arr is None or arr.size == 0:
+            return None
+        p50, p99 = np.percentile(arr, [50, 99])
+        return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            stages = list(self._data)
+        return {s: p for s in stages if (p := self.percentiles(s)) is not None}
+
+
+class RateMeter:
+    """Events per second over the last ``span_s`` seconds."""
+
+    def __init__(self, span_s: float = 2.0) -> None:
+        self.span_ns = int(span_s * 1e9)
+        self._t: deque[int] = deque()
+
+    def tick(self, t_ns: int) -> None:
+        self._t.append(t_ns)
+        while self._t and t_ns - self._t[0] > self.span_ns:
+            self._t.popleft()
+
+    def rate(self) -> float | None:
+        if len(self._t) < 2:
+            return None
+        span = self._t[-1] - self._t[0]
+        return (len(self._t) - 1) * 1e9 / span if span > 0 else None
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient of two 0/1 masks; 1.0 when both are empty."""
+    p = pred.astype(bool, copy=False)
+    t = truth.astype(bool, copy=False)
+    denom = int(p.sum()) + int(t.sum())
+    if denom == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(p, t).sum()) / denom

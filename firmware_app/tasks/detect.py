@@ -1,0 +1,115 @@
+"""Detection: boxes with score and label, in frame pixel coordinates.
+
+Layouts (``[output] layout``):
+- ``ssd_postprocess``: the four outputs of TFLite_Detection_PostProcess: boxes [1, N, 4] (ymin, xmin,
+  ymax, xmax, normalised), classes [1, N], scores [1, N], count [1]. Class k is ``labels[k]``.
+- ``boxes_scores``: raw boxes [1, N, 4] (same convention) and scores [1, N, C] over the labels, label 0 being
+  the background; the best non-background class per box, then non-maximum suppression (IoU 0.5).
+Every box at or above the threshold in force is kept: no fixed cap.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from firmware_app.backends.base import TensorSpec
+from firmware_app.errors import BadModel
+from firmware_app.models.manifest import Manifest
+from firmware_app.tasks.calibrate import probabilities
+from firmware_app.types import Box, Result
+
+NMS_IOU = 0.5
+
+
+class Detector:
+    def __init__(self, manifest: Manifest, outputs: list[TensorSpec]) -> None:
+        self.m = manifest
+        self.specs = outputs
+        boxes = [i for i, o in enumerate(outputs) if len(o.shape) == 3 and o.shape[-1] == 4]
+        if not boxes:
+            raise BadModel(f"detection model has no boxes output [1, N, 4] (outputs: {self._shapes()})")
+        self.boxes_i = boxes[0]
+        if manifest.layout == "ssd_postprocess":
+            counts = [i for i, o in enumerate(outputs) if int(np.prod(o.shape)) == 1]
+            pairs = [i for i, o in enumerate(outputs) if len(o.shape) == 2 and i != self.boxes_i]
+            if len(outputs) != 4 or len(counts) != 1 or len(pairs) != 2:
+                raise BadModel(
+                    "layout 'ssd_postprocess' needs 4 outputs (boxes, classes, scores, count); "
+                    f"the model has {self._shapes()}"
+                )
+            self.count_i = counts[0]
+            self.classes_i, self.scores_i = pairs
+        else:
+            scores = [i for i, o in enumerate(outputs) if len(o.shape) == 3 and i != self.boxes_i]
+            if len(scores) != 1 or outputs[scores[0]].shape[-1] != len(manifest.labels):
+                raise BadModel(
+                    f"layout 'boxes_scores' needs scores [1, N, {len(manifest.labels)}]; "
+                    f"the model has {self._shapes()}"
+                )
+            self.scores_i = scores[0]
+
+    def _shapes(self) -> str:
+        return ", ".join(str(list(o.shape)) for o in self.specs)
+
+    def _deq(self, raw: list[np.ndarray], i: int) -> np.ndarray:
+        return self.specs[i].dequantize(raw[i])
+
+    def raw_boxes(self, raw: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (boxes [n, 4] normalised ymin, xmin, ymax, xmax; scores [n]; class indices [n])."""
+        boxes = self._deq(raw, self.boxes_i)[0]
+        if self.m.layout == "ssd_postprocess":
+            n = int(round(float(self._deq(raw, self.count_i).reshape(-1)[0])))
+            cls = self._deq(raw, self.classes_i)[0]
+            sc = self._deq(raw, self.scores_i)[0]
+            # the two [1, N] outputs are told apart by content: classes are integers, scores are not
+            if np.any(cls != np.round(cls)) and np.all(sc == np.round(sc)):
+                cls, sc = sc, cls
+            n = max(0, min(n, boxes.shape[0]))
+            scores = sc[:n]
+            if self.m.calibration.method != "none":
+                scores = probabilities(scores, "none", self.m.calibration)
+            return boxes[:n], scores, cls[:n].astype(np.int64)
+        probs = probabilities(self._deq(raw, self.scores_i)[0], self.m.activation, self.m.calibration)
+        cls = 1 + np.argmax(probs[:, 1:], axis=1)
+        scores = probs[np.arange(len(cls)), cls]
+        return boxes, scores, cls
+
+    def __call__(
+        self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
+    ) -> Result:
+        fw, fh = frame_size
+        boxes, scores, cls = self.raw_boxes(raw_outputs)
+        keep = np.nonzero(scores >= threshold)[0]
+        if self.m.layout == "boxes_scores" and keep.size:
+            xywh = [
+                [
+                    float(boxes[i, 1] * fw),
+                    float(boxes[i, 0] * fh),
+                    float((boxes[i, 3] - boxes[i, 1]) * fw),
+                    float((boxes[i, 2] - boxes[i, 0]) * fh),
+                ]
+                for i in keep
+            ]
+            picked = cv2.dnn.NMSBoxes(xywh, [float(scores[i]) for i in keep], float(threshold), NMS_IOU)
+            keep = keep[np.asarray(picked, dtype=np.int64).reshape(-1)]
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        labels = self.m.labels
+        out = []
+        for i in keep:
+            y0, x0, y1, x1 = np.clip(boxes[i], 0.0, 1.0)
+            c = int(cls[i])
+            label = labels[c] if 0 <= c < len(labels) else f"class {c}"
+            out.append(
+                Box(float(x0 * fw), float(y0 * fh), float(x1 * fw), float(y1 * fh), float(scores[i]), label)
+            )
+        top = out[0] if out else None
+        return Result(
+            frame_id=frame_id,
+            task="detection",
+            label=top.label if top else None,
+            confidence=top.score if top else (float(scores.max()) if scores.size else 0.0),
+            alert=top is not None,
+            boxes=tuple(out),
+            centroid=((top.x0 + top.x1) / 2, (top.y0 + top.y1) / 2) if top else None,
+        )

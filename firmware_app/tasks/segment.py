@@ -1,0 +1,91 @@
+"""Segmentation: probability map -> mask, area, centroid, contour and max probability of the finding.
+
+One output channel is the probability of ``labels[1]``; C channels are one per label and the finding is the
+non-background label with the largest area. Thresholding and contours run at the model's resolution; only
+the final mask is scaled to the frame (nearest neighbour) and contours are scaled as coordinates.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from firmware_app.backends.base import TensorSpec
+from firmware_app.errors import BadModel
+from firmware_app.models.manifest import Manifest
+from firmware_app.tasks.calibrate import probabilities
+from firmware_app.types import Result
+
+
+class Segmenter:
+    def __init__(self, manifest: Manifest, outputs: list[TensorSpec]) -> None:
+        self.m = manifest
+        spec = outputs[0]
+        if len(spec.shape) != 4 or spec.shape[0] != 1:
+            raise BadModel(f"segmentation output shape {list(spec.shape)} is not [1, H, W, C]")
+        channels = spec.shape[3]
+        if channels not in (1, len(manifest.labels)):
+            raise BadModel(
+                f"segmentation output has {channels} channels; manifest labels {list(manifest.labels)} "
+                f"need 1 (probability of {manifest.labels[1]!r}) or {len(manifest.labels)}"
+            )
+        self.spec = spec
+        self.channels = channels
+        self.out_hw = (spec.shape[1], spec.shape[2])
+
+    def probability_maps(self, raw: np.ndarray) -> np.ndarray:
+        """-> float32 [H, W, K]: calibrated probability of each non-background label (K = 1 for 1 or 2 labels)."""
+        x = self.spec.dequantize(raw[0])
+        if self.channels == 1:
+            return probabilities(
+                x, self.m.activation if self.m.activation != "softmax" else "sigmoid", self.m.calibration
+            )
+        p = probabilities(x, self.m.activation, self.m.calibration, axis=-1)
+        return p[..., 1:]
+
+    def __call__(
+        self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
+    ) -> Result:
+        probs = self.probability_maps(raw_outputs[0])
+        masks = probs > threshold  # a tie (p = 0.5 with threshold 0.5) is background, as argmax
+        k = int(np.argmax(masks.reshape(-1, masks.shape[-1]).sum(axis=0))) if masks.shape[-1] > 1 else 0
+        prob = probs[..., k]
+        small = masks[..., k].astype(np.uint8)
+        label = self.m.labels[k + 1]
+        fw, fh = frame_size
+        mh, mw = self.out_hw
+        max_per_label = {self.m.labels[i + 1]: float(probs[..., i].max()) for i in range(probs.shape[-1])}
+        if not small.any():
+            return Result(
+                frame_id=frame_id,
+                task="segmentation",
+                label=None,
+                confidence=float(prob.max()),
+                alert=False,
+                probabilities=max_per_label,
+                mask=np.zeros((fh, fw), np.uint8),
+                area_fraction=0.0,
+            )
+        sx, sy = fw / mw, fh / mh
+        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        scale = np.array([sx, sy], np.float32)
+        offset = np.array([sx / 2, sy / 2], np.float32)  # pixel centres
+        frame_contours = tuple(
+            (c.reshape(-1, 2).astype(np.float32) * scale + offset).astype(np.int32) for c in contours
+        )
+        mask = cv2.resize(small, (fw, fh), interpolation=cv2.INTER_NEAREST)
+        mom = cv2.moments(small, binaryImage=True)
+        centroid = ((mom["m10"] / mom["m00"] + 0.5) * sx, (mom["m01"] / mom["m00"] + 0.5) * sy)
+        confidence = float(prob[small.astype(bool)].max())
+        return Result(
+            frame_id=frame_id,
+            task="segmentation",
+            label=label,
+            confidence=confidence,
+            alert=True,  # the mask holds pixels above the threshold in force
+            probabilities=max_per_label,
+            mask=mask,
+            contours=frame_contours,
+            centroid=(float(centroid[0]), float(centroid[1])),
+            area_fraction=float(small.mean()),
+        )

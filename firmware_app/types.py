@@ -1,0 +1,81 @@
+"""The two objects that travel through the pipeline: a Frame and the Result computed from it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One image from a source.
+
+    pixels: uint8, HxW (grayscale) or HxWx3 (BGR), already cropped to the imaging region and with
+    burned-in text blacked out (see sources.profile). Treat it as read-only.
+    id: monotonically increasing per source, starting at 0.
+    t_capture_ns: time.monotonic_ns() when the frame was captured.
+    meta: source metadata (``source`` URI, ``path``, ``frame_index``, DICOM UIDs ...).
+    truth: ground-truth mask (uint8 0/1, same HxW as pixels) when the source knows it (phantoms).
+    truth_boxes: ground-truth boxes (x0, y0, x1, y1) in pixel coordinates when the source knows them.
+    """
+
+    id: int
+    t_capture_ns: int
+    pixels: np.ndarray
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    truth: np.ndarray | None = None
+    truth_boxes: tuple[tuple[int, int, int, int], ...] | None = None
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True, eq=False)
+class Box:
+    """A detection in frame pixel coordinates."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
+    label: str
+
+
+@dataclass(frozen=True, eq=False)
+class Result:
+    """What a model found in one frame. All geometry is in the frame's pixel coordinates.
+
+    frame_id is the id of the frame it was computed from: the display draws it only on that frame.
+    label/confidence: the top finding (calibrated probability), or None when nothing is found.
+    alert: the finding crosses the alert threshold in force.
+    mask: uint8 0/1 HxW segmentation of the finding (segmentation).
+    contours: list of int32 Nx2 (x, y) polygons of the mask outline (segmentation).
+    heatmap: float32 hxw in [0, 1] (classification with a class-activation output), any size; the
+      display stretches it over the frame.
+    boxes: detections (detection).
+    probabilities: label -> probability (classification; segmentation: max probability per label).
+    centroid: (x, y) of the finding; area_fraction: mask area / frame area.
+    """
+
+    frame_id: int
+    task: str
+    label: str | None
+    confidence: float | None
+    alert: bool = False
+    probabilities: Mapping[str, float] = field(default_factory=dict)
+    mask: np.ndarray | None = None
+    contours: tuple[np.ndarray, ...] = ()
+    heatmap: np.ndarray | None = None
+    boxes: tuple[Box, ...] = ()
+    centroid: tuple[float, float] | None = None
+    area_fraction: float | None = None
+    t_done_ns: int = 0

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware_app.backends import make_backend
+from firmware_app.backends.base import TensorSpec
+from firmware_app.backends.edgetpu import EdgeTpu, MockEdgeTpu
+from firmware_app.backends.litert import LiteRTBackend
+from firmware_app.errors import BackendUnavailable, BadModel
+from firmware_app.models.store import find_model
+from firmware_app.preprocess import Preprocessor, input_lut
+
+
+def test_float_model_reads_float_tensors(float_model_dir: Path):
+    b = LiteRTBackend(float_model_dir / "model.tflite", threads=2)
+    assert b.input.dtype == np.float32 and not b.input.quantized
+    assert b.input.shape == (1, 256, 256, 3)
+    out = b.invoke(np.zeros(b.input.shape, np.float32))
+    assert out[0].shape == (1, 256, 256, 1) and out[0].dtype == np.float32
+
+
+def test_not_a_model_is_a_clear_bad_model(tmp_path: Path):
+    bad = tmp_path / "model.tflite"
+    bad.write_bytes(b"this is not a flatbuffer" * 10)
+    with pytest.raises(BadModel, match="model.tflite: not a loadable TFLite model"):
+        LiteRTBackend(bad)
+
+
+def test_real_edgetpu_absent_here_gives_actionable_message():
+    with pytest.raises(BackendUnavailable) as exc:
+        EdgeTpu("usb").delegates()
+    assert "libedgetpu.so.1" in str(exc.value) and "plugged in" in str(exc.value)
+
+
+def test_chain_falls_back_to_cpu_and_says_so(float_model_dir: Path):
+    (float_model_dir / "model_edgetpu.tflite").write_bytes((float_model_dir / "model.tflite").read_bytes())
+    model = find_model(str(float_model_dir))
+    choice = make_backend(model, ["edgetpu", "cpu"], threads=1, accelerator=MockEdgeTpu(present=False))
+    assert choice.backend.name == "litert-cpu"
+    assert choice.fell_back and "Edge TPU not found" in choice.notices[0]
+
+
+def test_chain_uses_edgetpu_variant_when_accelerator_present(float_model_dir: Path):
+    (float_model_dir / "model_edgetpu.tflite").write_bytes((float_model_dir / "model.tflite").read_bytes())
+    model = find_model(str(float_model_dir))
+    acc = MockEdgeTpu(present=True)
+    choice = make_backend(model, ["edgetpu", "cpu"], threads=1, accelerator=acc)
+    assert choice.backend.name == "edgetpu" and not choice.notices and acc.loads == 1
+    assert choice.backend.path.name == "model_edgetpu.tflite"
+
+
+def test_model_without_edgetpu_variant_falls_back(float_model_dir: Path):
+    model = find_model(str(float_model_dir))
+    choice = make_backend(model, ["edgetpu", "cpu"], threads=1, accelerator=MockEdgeTpu(present=True))
+    assert choice.backend.name == "litert-cpu"
+    assert "has no model_edgetpu.tflite" in choice.notices[0]
+
+
+def test_no_backend_at_all_is_reported(float_model_dir: Path):
+    model = find_model(str(float_model_dir))
+    with pytest.raises(BackendUnavailable, match="no backend could run model selfie-seg"):
+        make_backend(model, ["edgetpu"], threads=1, accelerator=MockEdgeTpu(present=False))
+
+
+def spec(dtype, scale=0.0, zp=0, shape=(1, 4, 4, 1)):
+    return TensorSpec(0, "in", shape, np.dtype(dtype), scale, zp)
+
+
+def test_input_lut_quantizes_with_the_tensors_parameters():
+    # int8 input with range [0, 1]: scale 1/255, zero point -128 maps 0 -> -128 and 255 -> 127
+    lut = input_lut(spec(np.int8, 1 / 255, -128), (0.0, 1.0))
+    assert lut.dtype == np.int8 and lut[0] == -128 and lut[255] == 127 and lut[128] == 0
+    lut = input_lut(spec(np.uint8, 2 / 255, 128), (-1.0, 1.0))
+    assert lut[0] == 0 and lut[255] == 255
+    f = input_lut(spec(np.float32), (-1.0, 1.0))
+    assert f[0] == -1.0 and f[255] == 1.0
+    with pytest.raises(BadModel, match="without quantization"):
+        input_lut(spec(np.int8), (0.0, 1.0))
+
+
+def test_preprocess_resizes_converts_and_quantizes(float_model_dir: Path):
+    model = find_model(str(float_model_dir))
+    s = TensorSpec(0, "in", (1, 4, 4, 3), np.dtype(np.int8), 1 / 255, -128)
+    m = model.manifest.__class__(**{**model.manifest.__dict__, "width": 4, "height": 4})
+    pre = Preprocessor(m, s)
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[..., 0] = 255  # pure blue in BGR
+    t = pre(bgr)
+    assert t.shape == (1, 4, 4, 3) and t.dtype == np.int8
+    assert (t[0, ..., 2] == 127).all() and (t[0, ..., 0] == -128).all()  # model wants RGB: blue is last
+    gray = np.full((8, 8), 255, np.uint8)
+    assert (pre(gray) == 127).all()
+
+
+def test_preprocess_rejects_manifest_that_disagrees_with_tensor(float_model_dir: Path):
+    model = find_model(str(float_model_dir))
+    with pytest.raises(BadModel, match="does not match the model's input tensor"):
+        Preprocessor(model.manifest, TensorSpec(0, "in", (1, 128, 128, 3), np.dtype(np.float32), 0.0, 0))

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from firmware_app.backends.base import TensorSpec
+from firmware_app.errors import BadModel
+from firmware_app.models.manifest import parse_manifest
+from firmware_app.tasks import make_postprocessor
+
+SEG = {
+    "id": "seg",
+    "version": "1.0.0",
+    "task": "segmentation",
+    "intended_use": "test",
+    "cleared_for_clinical_use": False,
+    "input": {"width": 8, "height": 8, "color": "gray", "range": [0.0, 1.0]},
+    "output": {"labels": ["background", "fluid"], "activation": "softmax"},
+    "thresholds": {"alert": 0.5, "alert_min": 0.3, "alert_max": 0.9},
+}
+
+
+def manifest(task="segmentation", **output):
+    d = copy.deepcopy(SEG)
+    d["task"] = task
+    d["output"].update(output)
+    return parse_manifest(d, "test")
+
+
+def int8_spec(shape, scale=0.1, zp=0, index=0):
+    return TensorSpec(index, f"o{index}", shape, np.dtype(np.int8), scale, zp)
+
+
+def test_segmentation_int8_two_channel_softmax_maps_to_frame():
+    spec = int8_spec((1, 8, 8, 2), scale=0.1, zp=0)
+    raw = np.zeros((1, 8, 8, 2), np.int8)
+    raw[0, 2:4, 4:8, 1] = 50  # logit 5.0 for fluid in rows 2-3, cols 4-7
+    post = make_postprocessor(manifest(), [spec])
+    r = post([raw], 7, (80, 40), 0.5)
+    assert r.frame_id == 7 and r.label == "fluid" and r.alert
+    assert r.mask.shape == (40, 80)
+    ys, xs = np.nonzero(r.mask)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10, 19, 40, 79)
+    assert r.area_fraction == pytest.approx(8 / 64)
+    assert r.centroid == pytest.approx((60.0, 15.0))
+    assert r.confidence == pytest.approx(1 / (1 + np.exp(-5.0)), abs=1e-4)
+    assert len(r.contours) == 1 and r.contours[0].dtype == np.int32
+
+
+def test_segmentation_nothing_found_is_not_an_alert():
+    spec = int8_spec((1, 8, 8, 2))
+    r = make_postprocessor(manifest(), [spec])([np.zeros((1, 8, 8, 2), np.int8)], 1, (8, 8), 0.6)
+    assert r.label is None and not r.alert and r.mask.sum() == 0 and r.contours == ()
+
+
+def test_segmentation_single_channel_float_probability():
+    spec = TensorSpec(0, "o", (1, 8, 8, 1), np.dtype(np.float32), 0.0, 0)
+    prob = np.zeros((1, 8, 8, 1), np.float32)
+    prob[0, :4, :4, 0] = 0.8
+    post = make_postprocessor(manifest(activation="none"), [spec])
+    r = post([prob], 3, (8, 8), 0.5)
+    assert r.mask[:4, :4].all() and r.mask.sum() == 16 and r.confidence == pytest.approx(0.8)
+    # a threshold above the probability finds nothing
+    assert post([prob], 3, (8, 8), 0.9).mask.sum() == 0
+
+
+def test_segmentation_uint8_output_dequantized_with_its_zero_point():
+    spec = TensorSpec(0, "o", (1, 8, 8, 1), np.dtype(np.uint8), 1 / 256, 0)
+    raw = np.full((1, 8, 8, 1), 200, np.uint8)  # 0.78
+    r = make_postprocessor(manifest(activation="none"), [spec])([raw], 0, (8, 8), 0.5)
+    assert r.mask.all() and r.confidence == pytest.approx(200 / 256)
+
+
+def test_segmentation_channel_count_must_match_labels():
+    with pytest.raises(BadModel, match="3 channels"):
+        make_postprocessor(manifest(), [int8_spec((1, 8, 8, 3))])
+
+
+def test_temperature_calibration_softens_confidence():
+    spec = int8_spec((1, 8, 8, 2))
+    raw = np.zeros((1, 8, 8, 2), np.int8)
+    raw[0, 0, 0, 1] = 30  # logit 3
+    d = copy.deepcopy(SEG)
+    d["calibration"] = {"method": "temperature", "temperature": 2.0}
+    hot = make_postprocessor(parse_manifest(d, "t"), [spec])([raw], 0, (8, 8), 0.5)
+    cold = make_postprocessor(manifest(), [spec])([raw], 0, (8, 8), 0.5)
+    assert cold.confidence == pytest.approx(1 / (1 + np.exp(-3)), abs=1e-4)
+    assert hot.confidence == pytest.approx(1 / (1 + np.exp(-1.5)), abs=1e-4)
+
+
+def test_classification_top_finding_and_heatmap():
+    m = manifest("classification", labels=["absent", "b-lines"], heatmap_output=1)
+    scores = int8_spec((1, 2), scale=0.1, index=0)
+    heat = TensorSpec(1, "h", (1, 4, 4, 1), np.dtype(np.uint8), 0.01, 0)
+    post = make_postprocessor(m, [scores, heat])
+    hm = np.zeros((1, 4, 4, 1), np.uint8)
+    hm[0, 1, 2, 0] = 90
+    r = post([np.array([[-20, 20]], np.int8), hm], 5, (64, 64), 0.5)
+    assert r.label == "b-lines" and r.alert and r.confidence > 0.95
+    assert r.probabilities["absent"] < 0.05
+    assert r.heatmap.shape == (4, 4) and r.heatmap[1, 2] == 1.0 and r.heatmap[0, 0] == 0.0
+    r = post([np.array([[20, -20]], np.int8), hm], 6, (64, 64), 0.5)
+    assert r.label == "absent" and not r.alert
+
+
+def test_classification_threshold_decides_alert():
+    m = manifest("classification", labels=["absent", "present"])
+    post = make_postprocessor(m, [int8_spec((1, 2), scale=0.1)])
+    raw = [np.array([[0, 4]], np.int8)]  # p(present) = sigmoid(0.4) = 0.599
+    assert post(raw, 0, (8, 8), 0.5).alert
+    assert not post(raw, 0, (8, 8), 0.7).alert
+
+
+def det_manifest(layout):
+    return manifest("detection", labels=["background", "nodule"], layout=layout)
+
+
+def test_detection_ssd_postprocess_boxes_in_frame_pixels():
+    specs = [
+        TensorSpec(0, "boxes", (1, 3, 4), np.dtype(np.float32), 0.0, 0),
+        TensorSpec(1, "classes", (1, 3), np.dtype(np.float32), 0.0, 0),
+        TensorSpec(2, "scores", (1, 3), np.dtype(np.float32), 0.0, 0),
+        TensorSpec(3, "count", (1,), np.dtype(np.float32), 0.0, 0),
+    ]
+    boxes = np.array([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.9, 0.9], [0, 0, 1, 1]]], np.float32)
+    classes = np.array([[1, 1, 1]], np.float32)
+    scores = np.array([[0.6, 0.9, 0.99]], np.float32)
+    count = np.array([2], np.float32)  # the third box is beyond the count
+    r = make_postprocessor(det_manifest("ssd_postprocess"), specs)([boxes, classes, scores, count], 2, (200, 100), 0.5)
+    assert len(r.boxes) == 2 and r.label == "nodule" and r.confidence == pytest.approx(0.9)
+    b = r.boxes[0]
+    assert (b.x0, b.y0, b.x1, b.y1) == pytest.approx((100, 50, 180, 90))
+    # a TF2 export that swaps scores and classes is recognised by content
+    r2 = make_postprocessor(det_manifest("ssd_postprocess"), specs)([boxes, scores, classes, count], 2, (200, 100), 0.5)
+    assert [x.score for x in r2.boxes] == pytest.approx([0.9, 0.6])
+
+
+def test_detection_boxes_scores_applies_nms():
+    specs = [
+        TensorSpec(0, "boxes", (1, 3, 4), np.dtype(np.float32), 0.0, 0),
+        TensorSpec(1, "scores", (1, 3, 2), np.dtype(np.float32), 0.0, 0),
+    ]
+    boxes = np.array([[[0.1, 0.1, 0.5, 0.5], [0.11, 0.1, 0.5, 0.51], [0.6, 0.6, 0.9, 0.9]]], np.float32)
+    logits = np.array([[[0, 4], [0, 3], [0, 2]]], np.float32)
+    d = copy.deepcopy(SEG)
+    d.update(task="detection")
+    d["output"] = {"labels": ["background", "nodule"], "activation": "softmax", "layout": "boxes_scores"}
+    r = make_postprocessor(parse_manifest(d, "t"), specs)([boxes, logits], 0, (100, 100), 0.5)
+    assert len(r.boxes) == 2  # the overlapping duplicate is suppressed
+    assert r.boxes[0].score > r.boxes[1].score

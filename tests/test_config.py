@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str) -> str:
     "text, needle",
     [
         ('[source]\nurl = "v4l2:0"\n', "unknown key [source] url"),
-        ("[backend]\nthreads = \"two\"\n", "[backend] threads must be int"),
+        ('[backend]\nthreads = "two"\n', "[backend] threads must be int"),
         ("[backend]\nthreads = true\n", "[backend] threads must be int"),
         ('[backend]\norder = ["gpu"]\n', "unknown backend 'gpu'"),
         ('[source]\nfourcc = "H264"\n', "fourcc 'H264'"),

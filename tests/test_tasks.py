@@ -128,12 +128,16 @@ def test_detection_ssd_postprocess_boxes_in_frame_pixels():
     classes = np.array([[1, 1, 1]], np.float32)
     scores = np.array([[0.6, 0.9, 0.99]], np.float32)
     count = np.array([2], np.float32)  # the third box is beyond the count
-    r = make_postprocessor(det_manifest("ssd_postprocess"), specs)([boxes, classes, scores, count], 2, (200, 100), 0.5)
+    r = make_postprocessor(det_manifest("ssd_postprocess"), specs)(
+        [boxes, classes, scores, count], 2, (200, 100), 0.5
+    )
     assert len(r.boxes) == 2 and r.label == "nodule" and r.confidence == pytest.approx(0.9)
     b = r.boxes[0]
     assert (b.x0, b.y0, b.x1, b.y1) == pytest.approx((100, 50, 180, 90))
     # a TF2 export that swaps scores and classes is recognised by content
-    r2 = make_postprocessor(det_manifest("ssd_postprocess"), specs)([boxes, scores, classes, count], 2, (200, 100), 0.5)
+    r2 = make_postprocessor(det_manifest("ssd_postprocess"), specs)(
+        [boxes, scores, classes, count], 2, (200, 100), 0.5
+    )
     assert [x.score for x in r2.boxes] == pytest.approx([0.9, 0.6])
 
 

@@ -1,0 +1,184 @@
+"""``firmware-app bench --json``: performance figures measured in one run, on one interpreter setting.
+
+- bare invoke loop: the model's own speed, the ceiling (``invoke_ms``, ``bare_invoke_fps``);
+- the full pipeline fed by an unlimited synthetic source (``pipeline_fps``);
+- the full pipeline fed at 30 fps: capture -> shown latency (``e2e_latency_ms``);
+- a naive single-threaded read -> convert -> resize -> float quantize -> invoke -> float dequantize ->
+  full-frame blend -> draw loop, the reference a user would write (``naive_loop_fps``).
+``overhead_ms_p50`` is the time per frame spent outside invoke on the inference path and the screen
+(preprocess + postprocess + render + display, p50 each). ``startup_s``: process start to the first result
+on screen, in a fresh process. ``rss_mb``: this process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from firmware_app.backends import make_backend
+from firmware_app.config import load_board
+from firmware_app.models.store import ModelRef, find_model
+from firmware_app.pipeline import build_pipeline
+from firmware_app.preprocess import Preprocessor
+from firmware_app.sources import open_source
+
+WARMUP = 10
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    p50, p99 = np.percentile(np.asarray(values), [50, 99])
+    return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+
+
+def _sample_frames(source_uri: str, n: int) -> list[np.ndarray]:
+    src = open_source(source_uri.replace("fps=30", "fps=0"))
+    src.open()
+    try:
+        frames = []
+        while len(frames) < n:
+            f = src.read()
+            if f is None:
+                break
+            frames.append(f.pixels)
+    finally:
+        src.close()
+    return frames
+
+
+def bare_invoke(model: ModelRef, order: list[str], threads: int, frames: list[np.ndarray], n: int) -> dict:
+    choice = make_backend(model, order, threads)
+    backend = choice.backend
+    pre = Preprocessor(model.manifest, backend.input)
+    tensors = [pre(f).copy() for f in frames[:8]]
+    for i in range(WARMUP):
+        backend.invoke(tensors[i % len(tensors)])
+    times = []
+    t_start = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        backend.invoke(tensors[i % len(tensors)])
+        times.append((time.perf_counter() - t0) * 1000)
+    total = time.perf_counter() - t_start
+    backend.close()
+    return {"backend": backend.name, "invoke_ms": _pct(times), "bare_invoke_fps": round(n / total, 2)}
+
+
+def naive_loop(model: ModelRef, threads: int, frames: list[np.ndarray], n: int) -> float:
+    """What a vendor example does: everything in float, every frame, on one thread."""
+    from firmware_app.backends.litert import LiteRTBackend
+
+    m = model.manifest
+    backend = LiteRTBackend(model.tflite, threads=threads)
+    spec, out_spec = backend.input, backend.outputs[0]
+    lo, hi = m.range
+    canvas_size = (800, 480)
+    t_start = 0.0
+    for i in range(n + WARMUP):
+        if i == WARMUP:
+            t_start = time.perf_counter()
+        img = frames[i % len(frames)]
+        bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img
+        gray = (
+            cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+            if m.color == "gray"
+            else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        )
+        small = cv2.resize(gray, (m.width, m.height)).astype(np.float32) / 255.0 * (hi - lo) + lo
+        x = small.reshape(spec.shape)
+        if spec.quantized:
+            info = np.iinfo(spec.dtype)
+            x = np.clip(np.round(x / spec.scale + spec.zero_point), info.min, info.max).astype(spec.dtype)
+        out = backend.invoke(x.astype(spec.dtype))[0].astype(np.float32)
+        if out_spec.quantized:
+            out = (out - out_spec.zero_point) * out_spec.scale
+        prob = out[0, ..., -1]
+        mask = cv2.resize((prob > 0.5).astype(np.float32), (bgr.shape[1], bgr.shape[0]))
+        overlay = bgr.astype(np.float32)
+        color = np.array([0, 200, 255], np.float32)
+        overlay = overlay * (1 - 0.4 * mask[..., None]) + color * 0.4 * mask[..., None]
+        shown = cv2.resize(overlay.astype(np.uint8), canvas_size)
+        cv2.putText(
+            shown,
+            f"{m.id} {float(prob.max()):.2f}",
+            (10, 30),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            1,
+            (255, 255, 255),
+            2,
+        )
+    backend.close()
+    return round(n / (time.perf_counter() - t_start), 2)
+
+
+def pipeline_run(board, model: ModelRef, source_uri: str, n: int) -> dict[str, Any]:
+    p = build_pipeline(board, model, source_uri, ["null"], max_frames=n)
+    t0 = time.perf_counter()
+    stats = p.run()
+    stats["elapsed_s"] = time.perf_counter() - t0
+    return stats
+
+
+def measure_startup(board_ref: str | None, model_ref: str, data_dir: str | None) -> float | None:
+    """A fresh process: start -> first result shown, as the run command reports it, plus interpreter start."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stats_path = Path(tmp) / "stats.json"
+        cmd = [sys.executable, "-m", "firmware_app", "run", "--model", model_ref, "--display", "null"]
+        cmd += ["--frames", "1", "--stats", str(stats_path), "--source", "synthetic:ultrasound?fps=0"]
+        if board_ref:
+            cmd += ["--board", board_ref]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 or not stats_path.exists():
+            return None
+        return json.loads(stats_path.read_text()).get("startup_s")
+
+
+def run_bench(
+    board_ref: str | None, model_ref: str | None, source_uri: str | None, frames: int, data_dir: str | None
+) -> dict[str, Any]:
+    board = load_board(board_ref)
+    model = find_model(model_ref or board.model["id"], data_dir)
+    threads = board.backend["threads"]
+    order = board.backend["order"]
+    base = source_uri or "synthetic:ultrasound?width=640&height=480"
+    sep = "&" if "?" in base else "?"
+    unlimited, paced = f"{base}{sep}fps=0", f"{base}{sep}fps=30"
+    if not base.startswith("synthetic:"):
+        unlimited = paced = base
+    sample = _sample_frames(unlimited, 16)
+    bare = bare_invoke(model, order, threads, sample, frames)
+    full = pipeline_run(board, model, unlimited, frames)
+    paced_stats = pipeline_run(board, model, paced, max(30, frames // 2))
+    naive = naive_loop(model, threads, sample, frames) if model.manifest.task == "segmentation" else None
+    stages = full["stages_ms"]
+    overhead = sum(
+        stages.get(s, {}).get("p50", 0.0) for s in ("preprocess", "postprocess", "render", "display")
+    )
+    pipeline_fps = full["frames_inferred"] / full["elapsed_s"] if full["elapsed_s"] > 0 else 0.0
+    m = model.manifest
+    return {
+        "model": f"{m.id}@{m.version}",
+        "backend": bare["backend"],
+        "threads": threads,
+        "frames": frames,
+        "invoke_ms": bare["invoke_ms"],
+        "bare_invoke_fps": bare["bare_invoke_fps"],
+        "pipeline_fps": round(pipeline_fps, 2),
+        "naive_loop_fps": naive,
+        "overhead_ms_p50": round(overhead, 3),
+        "e2e_latency_ms": paced_stats["stages_ms"].get("e2e"),
+        "mismatched_overlays": full["mismatched_overlays"] + paced_stats["mismatched_overlays"],
+        "startup_s": measure_startup(board_ref, model_ref or m.id, data_dir),
+        "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "stages_ms": stages,
+    }

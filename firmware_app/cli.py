@@ -1,0 +1,212 @@
+"""The command line: ``firmware-app demo|run|bench|doctor|models``.
+
+Errors go to stderr as one line naming the input and what is wrong; exit code 2 for bad input, 1 for a
+failure at run time, 0 otherwise. ``--data-dir`` is accepted before or after the subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from firmware_app import __version__
+from firmware_app.errors import FirmwareAppError
+
+log = logging.getLogger("firmware_app")
+
+DEFAULT_DATA_DIR = "/var/lib/firmware-app"
+
+
+def _common(p: argparse.ArgumentParser, top: bool) -> None:
+    # On the subcommand, SUPPRESS keeps a value given before the subcommand.
+    default = DEFAULT_DATA_DIR if top else argparse.SUPPRESS
+    p.add_argument("--data-dir", default=default, help=f"device data folder (default {DEFAULT_DATA_DIR})")
+    p.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firmware-app",
+        description="Real-time int8 AI for point-of-care ultrasound and X-ray. Never uses a network.",
+    )
+    parser.add_argument("--version", action="version", version=f"firmware-app {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synthetic ultrasound phantom -> bundled model -> screen rendered to PNG")
+    _common(p, top=False)
+    p.add_argument("--frames", type=_positive, default=90, help="frames to run (default 90, 3 s at 30 fps)")
+    p.add_argument("--out", default="demo-out", help="output folder (default ./demo-out)")
+    p.add_argument("--seed", type=int, default=7, help="phantom seed (default 7, not used in training)")
+
+    p = sub.add_parser("run", help="the daemon; without --frames it runs until SIGTERM")
+    _common(p, top=False)
+    p.add_argument("--board", help="board name (board_configs/NAME.toml) or a TOML file (default x86-dev)")
+    p.add_argument("--source", help="source URI (default: the board's)")
+    p.add_argument("--model", help="model id or folder (default: the board's)")
+    p.add_argument("--display", action="append", help="display URI, repeatable (default: the board's)")
+    p.add_argument("--frames", type=_positive, help="stop after N frames have been inferred")
+    p.add_argument("--stats", help="write stats.json here at the end")
+
+    p = sub.add_parser("bench", help="performance figures, measured in one run")
+    _common(p, top=False)
+    p.add_argument("--board", help="board name or TOML file (default x86-dev)")
+    p.add_argument("--model", help="model id or folder (default: the board's)")
+    p.add_argument("--source", help="source URI (default synthetic:ultrasound 640x480)")
+    p.add_argument("--frames", type=_positive, default=300, help="frames per measurement (default 300)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("doctor", help="what was found: runtimes, accelerators, display, devices, config")
+    _common(p, top=False)
+    p.add_argument("--board", help="board name or TOML file (default x86-dev)")
+
+    p = sub.add_parser("models", help="installed and bundled models")
+    _common(p, top=False)
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    m = msub.add_parser("list", help="every model found")
+    _common(m, top=False)
+    m = msub.add_parser("show", help="one model's manifest")
+    _common(m, top=False)
+    m.add_argument("id")
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "demo":
+            from firmware_app.demo import run_demo
+
+            return run_demo(args.out, args.frames, args.seed, args.data_dir)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "bench":
+            from firmware_app.bench import run_bench
+
+            result = run_bench(args.board, args.model, args.source, args.frames, args.data_dir)
+            print(json.dumps(result, indent=None if args.json else 2))
+            return 0
+        if args.command == "doctor":
+            from firmware_app.doctor import run_doctor
+
+            return run_doctor(args.board, args.data_dir)
+        if args.command == "models":
+            return cmd_models(args)
+    except FirmwareAppError as exc:
+        print(f"firmware-app: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from firmware_app.config import load_board
+    from firmware_app.models.store import find_model
+    from firmware_app.pipeline import build_pipeline
+
+    board = load_board(args.board)
+    model = find_model(args.model or board.model["id"], args.data_dir)
+    pipeline = build_pipeline(board, model, args.source, args.display, args.frames)
+    for notice in pipeline.choice.notices:
+        print(f"firmware-app: notice: {notice}", file=sys.stderr)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        pipeline.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stats = pipeline.run()
+    if pipeline.t_first_result_shown_ns is not None:
+        age = process_age_s()
+        if age is not None:
+            since_first = (time.monotonic_ns() - pipeline.t_first_result_shown_ns) / 1e9
+            stats["startup_s"] = round(age - since_first, 3)
+    if args.stats:
+        write_json(Path(args.stats), stats)
+    print(summary_line(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from firmware_app.models.store import find_model, list_models
+
+    if args.models_command == "list":
+        for ref in list_models(args.data_dir):
+            m = ref.manifest
+            cleared = "cleared" if m.cleared_for_clinical_use else "NOT FOR DIAGNOSTIC USE"
+            print(f"{m.id:<20} {m.version:<10} {m.task:<15} {ref.origin:<10} {cleared}  {ref.folder}")
+        return 0
+    ref = find_model(args.id, args.data_dir)
+    m = ref.manifest
+    print(f"id: {m.id}\nversion: {m.version}\ntask: {m.task}\nfolder: {ref.folder} ({ref.origin})")
+    print(f"intended use: {m.intended_use}\ncleared for clinical use: {m.cleared_for_clinical_use}")
+    print(f"input: {m.width}x{m.height} {m.color} range {list(m.range)}\nlabels: {', '.join(m.labels)}")
+    print(f"alert threshold: {m.alert} (bounds {m.alert_min}..{m.alert_max})")
+    return 0
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), for startup_s: process start -> first result."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5), counted after the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summary_line(stats: dict) -> str:
+    st = stats.get("stages_ms", {})
+    inv = st.get("invoke", {}).get("p50")
+    e2e = st.get("e2e", {}).get("p50")
+    parts = [
+        f"{stats['model']} on {stats['backend']}",
+        f"frames in {stats['frames_in']}, inferred {stats['frames_inferred']}, shown {stats['frames_shown']}, "
+        f"dropped {stats['frames_dropped']}",
+        f"errors {stats['errors']}",
+        f"mismatched overlays {stats['mismatched_overlays']}",
+    ]
+    if inv is not None:
+        parts.append(f"invoke p50 {inv:.1f} ms")
+    if e2e is not None:
+        parts.append(f"capture->shown p50 {e2e:.1f} ms")
+    if "dice" in stats:
+        parts.append(f"Dice {stats['dice']:.3f}")
+    return "; ".join(parts)

@@ -1,0 +1,728 @@
+"""The screen compositor: one frame, its result and the device state -> one BGR image for a display.
+
+Layout (landscape; a portrait screen puts the panel below the image, in two columns)::
+
+    +------------------------------------------+----------------+
+    | NOT FOR DIAGNOSTIC USE        (amber row) | FINDING  ALERT |
+    | [AI PENDING] [CPU FALLBACK] ...(chip row) | Fluid          |
+    +------------------------------------------+ 87% confidence |
+    |                                          | area, centroid |
+    |        frame, letterboxed on black,      | threshold      |
+    |        with the AI overlay (accent)      |                |
+    |                                          | model, fps, ms |
+    |                                          | messages       |
+    +------------------------------------------+----------------+
+
+Rules it keeps (docs/DESIGN.md, "Safety rules"):
+
+- an overlay is drawn only on the frame it was computed from (``result.frame_id == frame.id``); any other
+  result is counted in ``mismatched_overlays`` and at most shown greyed in the panel as STALE;
+- the NOT FOR DIAGNOSTIC USE row is reserved: nothing else is ever drawn over it;
+- silent trial and AI off show no overlay and no finding.
+
+Speed: the layout, fonts and colour planes are computed once (and again only when the frame size changes);
+the canvas is reused, the frame is resized straight into its place, the banner rows and each panel section
+are redrawn only when their content changes, and a segmentation tint is blended only inside the mask's
+bounding box. ``render`` returns the same buffer every call: a caller that keeps it must copy it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from firmware_app.display.font import Font, draw_text
+from firmware_app.types import Frame, Result
+
+log = logging.getLogger(__name__)
+
+Color = tuple[int, int, int]
+
+
+def _bgr(hex_rgb: str) -> Color:
+    v = int(hex_rgb.lstrip("#"), 16)
+    return (v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF)
+
+
+# Calm dark theme; one accent for everything the AI draws, amber for regulatory/warning, red for ALERT.
+IMAGE_BG = _bgr("#000000")
+PANEL_BG = _bgr("#15191e")
+DIVIDER = _bgr("#2a3139")
+TEXT = _bgr("#eef1f4")
+TEXT_2 = _bgr("#9aa5b1")
+TEXT_DIM = _bgr("#5d6670")
+ACCENT = _bgr("#2bd2e6")
+ACCENT_TEXT = _bgr("#061418")
+AMBER = _bgr("#ffb300")
+AMBER_TEXT = _bgr("#1a1200")
+ALERT = _bgr("#e5383b")
+CHIP_BG = _bgr("#262d35")
+CHIP_INFO = _bgr("#8fa3b8")
+
+BOLD = "sans-bold"
+REGULAR = "sans"
+SEG_ALPHA = 0.33
+HEATMAP_ALPHA = 0.55
+
+
+@dataclass
+class ScreenState:
+    """Everything the screen shows for one refresh."""
+
+    frame: Frame | None  # newest frame to show (None before the first frame / no signal)
+    result: Result | None  # result computed FROM `frame` (result.frame_id == frame.id) or None
+    stale_result: Result | None = None  # last result of an OLDER frame: panel greyed "STALE", overlay never
+    no_signal: bool = False  # capture device absent -> big "NO SIGNAL" (on black or on the dimmed last frame)
+    ai_pending: bool = False  # a live frame shown before its result -> "AI PENDING"
+    ai_off: bool = False  # the clinician switched AI off -> "AI OFF"
+    not_for_diagnostic: bool = True  # manifest cleared_for_clinical_use = false -> banner, always
+    fallback_notice: str | None = None  # e.g. "CPU FALLBACK: Edge TPU not found" -> banner "CPU FALLBACK"
+    model_id: str = ""
+    model_version: str = ""
+    backend: str = ""
+    task: str = ""
+    fps: float | None = None
+    latency_ms: float | None = None
+    threshold: float | None = None  # alert threshold in force
+    messages: tuple[str, ...] = ()  # recent one-line notices, newest first; 1-3 shown
+    silent_trial: bool = False  # only the image and "SILENT TRIAL": no overlay, no finding
+    input_warning: str | None = None  # e.g. "INPUT UNLIKE TRAINING DATA"
+
+
+@dataclass(frozen=True)
+class Rect:
+    x: int
+    y: int
+    w: int
+    h: int
+
+    @property
+    def x1(self) -> int:
+        return self.x + self.w
+
+    @property
+    def y1(self) -> int:
+        return self.y + self.h
+
+    def view(self, canvas: np.ndarray) -> np.ndarray:
+        return canvas[self.y : self.y1, self.x : self.x1]
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Type sizes (em, px) and spacing, all derived from the screen's short side."""
+
+    unit: float
+    pad: int
+    gap: int
+    caption: int
+    body: int
+    small: int
+    label: int
+    value: int
+    banner: int
+    huge: int
+    line: int  # overlay line thickness
+
+    @classmethod
+    def for_screen(cls, width: int, height: int) -> _Sizes:
+        u = min(width, height) / 480.0
+        r = lambda v: max(1, int(round(v * u)))  # noqa: E731
+        return cls(
+            unit=u,
+            pad=r(14),
+            gap=r(6),
+            caption=max(9, r(12)),
+            body=max(10, r(15)),
+            small=max(9, r(13)),
+            label=max(14, r(28)),
+            value=max(12, r(22)),
+            banner=max(10, r(15)),
+            huge=max(20, r(46)),
+            line=max(1, int(round(1.6 * u))),
+        )
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """What the finding section shows; also its cache key."""
+
+    mode: str  # "result" | "stale" | "pending" | "none" | "off" | "silent"
+    label: str | None = None
+    confidence: float | None = None
+    alert: bool = False
+    lines: tuple[str, ...] = ()
+
+
+class Screen:
+    """Composes ``ScreenState`` into a ``height`` x ``width`` BGR uint8 image."""
+
+    def __init__(self, width: int, height: int) -> None:
+        if width < 160 or height < 120:
+            raise ValueError(f"screen {width}x{height}: too small (at least 160x120)")
+        self.width, self.height = int(width), int(height)
+        self.mismatched_overlays = 0
+        self.sz = _Sizes.for_screen(self.width, self.height)
+        self._bold = Font.load(BOLD)
+        self._regular = Font.load(REGULAR)
+        self.canvas = np.zeros((self.height, self.width, 3), np.uint8)
+        self._layout()
+        self._accent_plane = np.empty((self.image_area.h, self.image_area.w, 3), np.uint8)
+        self._accent_plane[:] = ACCENT
+        self._draw_static()
+        self._keys: dict[str, object] = {}
+        self._geom: tuple[int, int] | None = None
+        self.image_rect: Rect | None = None  # where the frame is, on the canvas
+        self._area_clean = False  # image area is plain black outside image_rect
+        self._gray_buf: np.ndarray | None = None
+        self._heat_buf: np.ndarray | None = None
+
+    # ----- layout -----------------------------------------------------------------------------------
+
+    def _layout(self) -> None:
+        W, H, s = self.width, self.height, self.sz
+        row_h = int(round(s.banner * 1.75))
+        if W >= H:
+            pw = int(round(W * 0.3))
+            area = Rect(0, 0, W - pw, H)
+            self.panel_rect = Rect(W - pw, 0, pw, H)
+            columns = [Rect(self.panel_rect.x + s.pad, s.pad, pw - 2 * s.pad, H - 2 * s.pad)]
+        else:
+            ph = int(round(s.unit * 240))
+            area = Rect(0, 0, W, H - ph)
+            self.panel_rect = Rect(0, H - ph, W, ph)
+            cw = (W - 3 * s.pad) // 2
+            top = self.panel_rect.y + s.pad
+            columns = [Rect(s.pad, top, cw, ph - 2 * s.pad), Rect(2 * s.pad + cw, top, cw, ph - 2 * s.pad)]
+        self.image_area = area
+        # Two reserved rows on top of the image area: the regulatory banner, then the status chips.
+        self.banner_rect = Rect(area.x, area.y, area.w, row_h)
+        self.chips_rect = Rect(area.x, area.y + row_h, area.w, row_h + s.gap)
+        band = self.banner_rect.h + self.chips_rect.h
+        self.image_region = Rect(area.x, area.y + band, area.w, area.h - band)
+
+        # Panel sections: finding + threshold stacked from the top, model/performance/messages from the bottom.
+        top_col, bottom_col = columns[0], columns[-1]
+        cap_h = self._bold.get(s.caption).line_height
+        body_h = self._bold.get(s.body).line_height
+        small_h = self._regular.get(s.small).line_height
+        x, w = top_col.x, top_col.w
+        y = top_col.y
+        finding_h = (
+            cap_h
+            + s.gap
+            + self._bold.get(s.label).line_height
+            + self._bold.get(s.value).line_height
+            + 2 * self._regular.get(s.body).line_height
+            + 2 * s.gap
+            + int(round(s.body * 2.0))
+        )
+        self.finding_rect = Rect(x, y, w, finding_h)
+        y += finding_h + s.gap
+        self._divider_rows: list[tuple[int, Rect]] = [(y, top_col)]
+        y += s.gap + 1
+        self.threshold_rect = Rect(x, y, w, body_h)
+        y += body_h
+        top_end = y
+
+        # From the bottom: messages, performance, model. On a short screen, fewer message lines.
+        x, w = bottom_col.x, bottom_col.w
+        floor = top_end + s.gap if len(columns) == 1 else bottom_col.y
+        for lines in (3, 2, 1, 0):
+            y = bottom_col.y1
+            messages_h = cap_h + s.gap // 2 + lines * small_h if lines else 0
+            self.messages_rect = Rect(x, y - messages_h, w, messages_h)
+            self.message_lines = lines
+            dividers = []
+            if lines:
+                y -= messages_h + s.gap
+                dividers.append((y, bottom_col))
+                y -= s.gap + 1
+            perf_h = cap_h + body_h
+            self.perf_rect = Rect(x, y - perf_h, w, perf_h)
+            y -= perf_h + 2 * s.gap
+            model_h = cap_h + 3 * body_h
+            self.model_rect = Rect(x, y - model_h, w, model_h)
+            y -= model_h + s.gap
+            dividers.append((y, bottom_col))
+            if y >= floor:
+                break
+        self._divider_rows += dividers
+        if y < floor:
+            log.warning("screen %dx%d: the panel is too short, sections overlap", self.width, self.height)
+
+    def _draw_static(self) -> None:
+        c = self.canvas
+        c[:] = IMAGE_BG
+        self.panel_rect.view(c)[:] = PANEL_BG
+        if self.panel_rect.x > 0:  # a hairline between image and panel
+            c[:, self.panel_rect.x] = DIVIDER
+        else:
+            c[self.panel_rect.y, :] = DIVIDER
+        for y, col in self._divider_rows:
+            c[y, col.x : col.x1] = DIVIDER
+
+    # ----- text helpers -----------------------------------------------------------------------------
+
+    def _text(
+        self,
+        canvas: np.ndarray,
+        text: str,
+        x: int,
+        y: int,
+        size: int,
+        color: Color,
+        font: Font | None = None,
+        anchor: str = "lt",
+        max_width: int | None = None,
+    ) -> tuple[int, int, int, int]:
+        return draw_text(canvas, text, x, y, size, color, font or self._bold, anchor, max_width)
+
+    def _fit_size(self, text: str, size: int, max_width: int, font: Font, min_size: int) -> int:
+        """The largest size <= ``size`` (down to ``min_size``) at which ``text`` fits in ``max_width``."""
+        width = font.measure(text, size)[0]
+        if width <= max_width:
+            return size
+        return max(min_size, int(size * max_width / max(width, 1)))
+
+    def _section(self, name: str, key: object, rect: Rect, draw: Callable[[np.ndarray], None]) -> None:
+        """Redraw a panel section only when what it shows changed."""
+        if self._keys.get(name) == key:
+            return
+        self._keys[name] = key
+        view = rect.view(self.canvas)
+        view[:] = PANEL_BG
+        draw(view)
+
+    # ----- render -----------------------------------------------------------------------------------
+
+    def render(self, state: ScreenState) -> np.ndarray:
+        frame, result = state.frame, state.result
+        matched = None
+        older = state.stale_result
+        if result is not None:
+            if frame is not None and result.frame_id == frame.id:
+                matched = result
+            else:
+                if frame is not None:
+                    self.mismatched_overlays += 1
+                    log.debug("result of frame %d given with frame %d: not drawn", result.frame_id, frame.id)
+                older = result if older is None or result.frame_id > older.frame_id else older
+
+        if state.no_signal and matched is not None:  # the dimmed frame is not live: its finding is old
+            older, matched = matched, None
+
+        self._draw_image(frame, dim=state.no_signal)
+        ai_shown = not (state.ai_off or state.silent_trial)
+        if matched is not None and ai_shown and self.image_rect is not None and frame is not None:
+            self._draw_overlay(matched, frame)
+        if state.no_signal or frame is None:
+            self._draw_center_notice(state.no_signal)
+
+        finding = self._finding(state, matched, older)
+        self._draw_banners(state, stale=finding.mode == "stale")
+        self._section("finding", finding, self.finding_rect, lambda v: self._draw_finding(v, finding))
+        thr = state.threshold
+        self._section("threshold", thr, self.threshold_rect, lambda v: self._draw_threshold(v, thr))
+        model = (state.model_id, state.model_version, state.task, state.backend, state.fallback_notice)
+        self._section("model", model, self.model_rect, lambda v: self._draw_model(v, *model))
+        perf = (_fmt(state.fps, 1), _fmt(state.latency_ms, 0))
+        self._section("perf", perf, self.perf_rect, lambda v: self._draw_perf(v, *perf))
+        msgs = tuple(state.messages[: self.message_lines])
+        self._section("messages", msgs, self.messages_rect, lambda v: self._draw_messages(v, msgs))
+        return self.canvas
+
+    # ----- image --------------------------------------------------------------------------------------
+
+    def _set_geometry(self, fw: int, fh: int) -> None:
+        reg = self.image_region
+        scale = min(reg.w / fw, reg.h / fh)
+        dw, dh = max(1, int(round(fw * scale))), max(1, int(round(fh * scale)))
+        self.image_rect = Rect(reg.x + (reg.w - dw) // 2, reg.y + (reg.h - dh) // 2, dw, dh)
+        self._geom = (fw, fh)
+        self._scale = (dw / fw, dh / fh)
+        self._gray_buf = np.empty((dh, dw), np.uint8)
+        self._heat_buf = None
+        self._area_clean = False
+        # Strong downscales: halve with INTER_AREA (OpenCV's fast 2x2 path; no aliasing of speckle) until the
+        # rest is a linear resize by at least 0.5.
+        self._halvings = 0
+        while scale * (1 << self._halvings) < 0.5 and min(fw, fh) >> (self._halvings + 1) >= 1:
+            self._halvings += 1
+
+    def _clear_region(self) -> None:
+        self.image_region.view(self.canvas)[:] = IMAGE_BG
+
+    def _draw_image(self, frame: Frame | None, dim: bool) -> None:
+        if frame is None:
+            if self.image_rect is not None or not self._area_clean:
+                self._clear_region()
+                self.image_rect, self._geom = None, None
+            self._area_clean = False  # the centre notice goes on it
+            return
+        px = _as_uint8_image(frame.pixels)
+        fh, fw = px.shape[:2]
+        if self._geom != (fw, fh):
+            self._set_geometry(fw, fh)
+        if not self._area_clean:
+            self._clear_region()
+            self._area_clean = True
+        r = self.image_rect
+        view = r.view(self.canvas)
+        for _ in range(self._halvings):
+            h2, w2 = px.shape[0] // 2, px.shape[1] // 2
+            px = cv2.resize(px[: 2 * h2, : 2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
+        same = px.shape[1] == r.w and px.shape[0] == r.h
+        if px.ndim == 2:
+            if same:
+                cv2.cvtColor(px, cv2.COLOR_GRAY2BGR, dst=view)
+            else:
+                cv2.resize(px, (r.w, r.h), dst=self._gray_buf, interpolation=cv2.INTER_LINEAR)
+                cv2.cvtColor(self._gray_buf, cv2.COLOR_GRAY2BGR, dst=view)
+        elif same:
+            np.copyto(view, px)
+        else:
+            cv2.resize(px, (r.w, r.h), dst=view, interpolation=cv2.INTER_LINEAR)
+        if dim:
+            cv2.convertScaleAbs(view, dst=view, alpha=0.35)
+
+    def _draw_center_notice(self, no_signal: bool) -> None:
+        reg = self.image_region
+        view = reg.view(self.canvas)
+        cx, cy = reg.w // 2, reg.h // 2
+        s = self.sz
+        self._area_clean = False  # margins now hold text: clear them before the next frame
+        if no_signal:
+            size = self._fit_size("NO SIGNAL", s.huge, reg.w - 2 * s.pad, self._bold, s.body)
+            self._text(view, "NO SIGNAL", cx, cy, size, TEXT, anchor="mm")
+            self._text(
+                view,
+                "Check the probe / capture connection",
+                cx,
+                cy + int(size * 0.55) + s.gap,
+                s.body,
+                TEXT_2,
+                self._regular,
+                anchor="mt",
+                max_width=reg.w - 2 * s.pad,
+            )
+        else:
+            self._text(view, "Waiting for images…", cx, cy, s.body, TEXT_2, self._regular, anchor="mm")
+
+    # ----- overlays -------------------------------------------------------------------------------------
+
+    def _to_view(self, x: float, y: float) -> tuple[float, float]:
+        """Frame pixel centre (x, y) -> image view pixel centre (the cv2.resize mapping)."""
+        sx, sy = self._scale
+        return (x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5
+
+    def _draw_overlay(self, result: Result, frame: Frame) -> None:
+        view = self.image_rect.view(self.canvas)
+        if result.heatmap is not None:
+            self._draw_heatmap(view, result.heatmap)
+        if result.mask is not None:
+            self._draw_mask(view, result.mask, result.contours, frame)
+        elif result.contours:
+            self._draw_contours(view, result.contours)
+        if result.boxes:
+            self._draw_boxes(view, result)
+
+    def _draw_mask(self, view: np.ndarray, mask: np.ndarray, contours, frame: Frame) -> None:
+        m = mask.view(np.uint8) if mask.dtype == bool else mask
+        if m.dtype != np.uint8:
+            m = (m > 0).astype(np.uint8)
+        if m.ndim == 3:
+            m = m[:, :, 0]
+        bx, by, bw, bh = cv2.boundingRect(m)
+        if bw == 0 or bh == 0:
+            return
+        mh, mw = m.shape
+        # The mask may be at another resolution than the frame: stretch it over the shown image.
+        sx, sy = view.shape[1] / mw, view.shape[0] / mh
+        vx0, vy0 = max(0, int(math.floor(bx * sx))), max(0, int(math.floor(by * sy)))
+        vx1 = min(view.shape[1], int(math.ceil((bx + bw) * sx)))
+        vy1 = min(view.shape[0], int(math.ceil((by + bh) * sy)))
+        if vx1 <= vx0 or vy1 <= vy0:
+            return
+        # Inverse map (view pixel -> mask pixel), nearest: the tint covers exactly the mask's pixels.
+        M = np.array([[1 / sx, 0, (vx0 + 0.5) / sx - 0.5], [0, 1 / sy, (vy0 + 0.5) / sy - 0.5]], np.float64)
+        sub = cv2.warpAffine(
+            m, M, (vx1 - vx0, vy1 - vy0), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0
+        )
+        roi = view[vy0:vy1, vx0:vx1]
+        tint = cv2.addWeighted(roi, 1 - SEG_ALPHA, self._accent_plane[: vy1 - vy0, : vx1 - vx0], SEG_ALPHA, 0)
+        cv2.copyTo(tint, sub, roi)
+        if contours:  # frame coordinates
+            self._draw_contours(view, contours)
+        else:
+            found, _ = cv2.findContours(sub, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(view, found, -1, ACCENT, self.sz.line, cv2.LINE_AA, offset=(vx0, vy0))
+
+    def _draw_contours(self, view: np.ndarray, contours) -> None:
+        """Polygons in frame pixel coordinates, drawn with subpixel precision."""
+        sx, sy = self._scale
+        shift = 4
+        polys = []
+        for c in contours:
+            pts = np.asarray(c, np.float64).reshape(-1, 2)
+            if len(pts) < 2:
+                continue
+            v = np.empty_like(pts)
+            v[:, 0] = ((pts[:, 0] + 0.5) * sx - 0.5) * (1 << shift)
+            v[:, 1] = ((pts[:, 1] + 0.5) * sy - 0.5) * (1 << shift)
+            polys.append(np.round(v).astype(np.int32).reshape(-1, 1, 2))
+        if polys:
+            cv2.polylines(view, polys, True, ACCENT, self.sz.line, cv2.LINE_AA, shift)
+
+    def _draw_heatmap(self, view: np.ndarray, heatmap: np.ndarray) -> None:
+        h = np.asarray(heatmap, np.float32)
+        if h.ndim == 3:
+            h = h[:, :, 0]
+        if h.size == 0:
+            return
+        h = np.clip(h, 0.0, 1.0)
+        color = cv2.applyColorMap((h * 255.0 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
+        # Premultiply at the heatmap's (small) resolution, stretch, then two saturating uint8 passes:
+        # view = view * (1 - a) + colour * a, with a = HEATMAP_ALPHA * heat.
+        a = h * HEATMAP_ALPHA
+        col_a = (color * a[:, :, None] + 0.5).astype(np.uint8)
+        keep = ((1.0 - a) * 255.0 + 0.5).astype(np.uint8)
+        keep = cv2.merge([keep, keep, keep])
+        vh, vw = view.shape[:2]
+        if self._heat_buf is None:
+            self._heat_buf = (np.empty((vh, vw, 3), np.uint8), np.empty((vh, vw, 3), np.uint8))
+        col_buf, keep_buf = self._heat_buf
+        cv2.resize(col_a, (vw, vh), dst=col_buf, interpolation=cv2.INTER_LINEAR)
+        cv2.resize(keep, (vw, vh), dst=keep_buf, interpolation=cv2.INTER_LINEAR)
+        cv2.multiply(view, keep_buf, dst=view, scale=1.0 / 255.0)
+        cv2.add(view, col_buf, dst=view)
+
+    def _draw_boxes(self, view: np.ndarray, result: Result) -> None:
+        sx, sy = self._scale
+        s = self.sz
+        vh, vw = view.shape[:2]
+        size = s.small
+        for b in result.boxes:
+            x0, y0 = int(round(b.x0 * sx)), int(round(b.y0 * sy))
+            x1, y1 = int(round(b.x1 * sx)) - 1, int(round(b.y1 * sy)) - 1
+            if x1 < 0 or y1 < 0 or x0 >= vw or y0 >= vh:
+                continue
+            cv2.rectangle(view, (x0, y0), (x1, y1), ACCENT, s.line, cv2.LINE_AA)
+            tag = f"{b.label} {b.score * 100:.0f}%"
+            tag = self._bold.fit(tag, size, max(vw // 2, 40))
+            tw, th = self._bold.measure(tag, size)
+            tw += 2 * s.gap
+            ty = y0 - th if y0 - th >= 0 else y0  # above the box, or inside it at the top edge
+            tx = min(max(x0, 0), max(vw - tw, 0))
+            cv2.rectangle(view, (tx, ty), (tx + tw - 1, ty + th - 1), ACCENT, -1)
+            self._text(view, tag, tx + s.gap, ty, size, ACCENT_TEXT)
+
+    # ----- banners ----------------------------------------------------------------------------------------
+
+    def _draw_banners(self, state: ScreenState, stale: bool) -> None:
+        chips: list[tuple[str, Color]] = []
+        if state.ai_off:
+            chips.append(("AI OFF", CHIP_INFO))
+        if state.silent_trial:
+            chips.append(("SILENT TRIAL", CHIP_INFO))
+        if state.fallback_notice:
+            head = state.fallback_notice.split(":", 1)[0].strip().upper()
+            chips.append(
+                (head if ":" in state.fallback_notice and len(head) <= 24 else "CPU FALLBACK", AMBER)
+            )
+        if state.input_warning:
+            chips.append((state.input_warning.strip().upper(), AMBER))
+        if stale and not (state.ai_off or state.silent_trial):
+            chips.append(("STALE", CHIP_INFO))
+        if state.ai_pending and state.frame is not None and not (state.ai_off or state.silent_trial):
+            chips.append(("AI PENDING", CHIP_INFO))
+        key = (state.not_for_diagnostic, tuple(chips))
+        if self._keys.get("banners") == key:
+            return
+        self._keys["banners"] = key
+        s = self.sz
+        row = self.banner_rect.view(self.canvas)
+        if state.not_for_diagnostic:
+            row[:] = AMBER
+            text = "NOT FOR DIAGNOSTIC USE"
+            size = self._fit_size(text, s.banner, row.shape[1] - 2 * s.pad, self._bold, 8)
+            self._text(row, text, row.shape[1] // 2, row.shape[0] // 2, size, AMBER_TEXT, anchor="mm")
+        else:
+            row[:] = IMAGE_BG
+        band = self.chips_rect.view(self.canvas)
+        band[:] = IMAGE_BG
+        x, chip_h = s.gap, band.shape[0] - s.gap
+        y0 = s.gap
+        size = s.small
+        stripe = max(3, int(round(4 * s.unit)))
+        for label, color in chips:
+            room = band.shape[1] - x - s.gap
+            if room < stripe + 3 * s.gap + self._bold.measure("…", size)[0]:
+                break
+            text = self._bold.fit(label, size, room - stripe - 3 * s.gap)
+            tw = self._bold.measure(text, size)[0]
+            w = stripe + 3 * s.gap + tw
+            band[y0 : y0 + chip_h, x : x + w] = CHIP_BG
+            band[y0 : y0 + chip_h, x : x + stripe] = color
+            fg = AMBER if color == AMBER else TEXT
+            self._text(band, text, x + stripe + int(1.5 * s.gap), y0 + chip_h // 2, size, fg, anchor="lm")
+            x += w + s.gap
+
+    # ----- panel sections ---------------------------------------------------------------------------------
+
+    def _finding(self, state: ScreenState, matched: Result | None, older: Result | None) -> _Finding:
+        if state.silent_trial:
+            return _Finding("silent")
+        if state.ai_off:
+            return _Finding("off")
+        if matched is not None:
+            return _Finding("result", matched.label, matched.confidence, bool(matched.alert), _where(matched))
+        if older is not None:
+            return _Finding("stale", older.label, older.confidence, bool(older.alert), _where(older))
+        if state.ai_pending:
+            return _Finding("pending")
+        return _Finding("none")
+
+    def _draw_finding(self, v: np.ndarray, f: _Finding) -> None:
+        s = self.sz
+        w = v.shape[1]
+        stale = f.mode == "stale"
+        _, _, _, y = self._text(v, "FINDING", 0, 0, s.caption, TEXT_2)
+        if stale:
+            self._text(v, "STALE", w, 0, s.caption, AMBER, anchor="rt")
+        y += s.gap
+        if f.mode in ("silent", "off", "pending", "none"):
+            text = {
+                "silent": "Silent trial",
+                "off": "AI off",
+                "pending": "Analysing…",
+                "none": "No result yet",
+            }[f.mode]
+            self._text(v, text, 0, y, s.value, TEXT_DIM, max_width=w)
+            if f.mode == "silent":
+                self._text(
+                    v,
+                    "Findings are hidden",
+                    0,
+                    y + int(s.value * 1.4),
+                    s.body,
+                    TEXT_DIM,
+                    self._regular,
+                    max_width=w,
+                )
+            return
+        main = TEXT_DIM if stale else TEXT
+        second = TEXT_DIM if stale else TEXT_2
+        if f.label is None:
+            self._text(v, "No finding", 0, y, s.value, second, max_width=w)
+            y += self._bold.get(s.label).line_height
+        else:
+            swatch = int(round(s.label * 0.42))
+            sw_y = y + self._bold.get(s.label).ascent - swatch - int(s.label * 0.12)
+            v[sw_y : sw_y + swatch, 0:swatch] = TEXT_DIM if stale else ACCENT
+            x = swatch + s.gap + s.gap // 2
+            size = self._fit_size(f.label, s.label, w - x, self._bold, int(s.label * 0.7))
+            self._text(
+                v, f.label, x, y + self._bold.get(s.label).ascent, size, main, anchor="ls", max_width=w - x
+            )
+            y += self._bold.get(s.label).line_height
+        if f.confidence is not None:
+            pct = f"{f.confidence * 100:.0f}%"
+            x0, _, x1, _ = self._text(v, pct, 0, y, s.value, main)
+            base = y + self._bold.get(s.value).ascent
+            if self._regular.measure("confidence", s.body)[0] <= w - x1 - s.gap:
+                self._text(v, "confidence", x1 + s.gap, base, s.body, second, self._regular, anchor="ls")
+        y += self._bold.get(s.value).line_height
+        for line in f.lines[:2]:
+            _, _, _, y = self._text(v, line, 0, y, s.body, second, self._regular, max_width=w)
+        if f.alert:
+            bar_h = int(round(s.body * 2.0))
+            y0 = v.shape[0] - bar_h
+            v[y0:, :] = TEXT_DIM if stale else ALERT
+            self._text(v, "▲ ALERT", w // 2, y0 + bar_h // 2, int(s.body * 1.15), TEXT, anchor="mm")
+
+    def _draw_threshold(self, v: np.ndarray, thr: float | None) -> None:
+        s = self.sz
+        x0, _, _, _ = self._text(
+            v, "—" if thr is None else f"{thr:.2f}", v.shape[1], 0, s.body, TEXT, anchor="rt"
+        )
+        label = (
+            "Alert threshold"
+            if self._regular.measure("Alert threshold", s.body)[0] < x0 - s.gap
+            else "Threshold"
+        )
+        self._text(v, label, 0, 0, s.body, TEXT_2, self._regular, max_width=x0 - s.gap)
+
+    def _draw_model(self, v: np.ndarray, model_id, version, task, backend, fallback) -> None:
+        s = self.sz
+        w = v.shape[1]
+        _, _, _, y = self._text(v, "MODEL", 0, 0, s.caption, TEXT_2)
+        _, _, _, y = self._text(v, model_id or "—", 0, y, s.body, TEXT, max_width=w)
+        detail = " · ".join(p for p in (f"v{version}" if version else "", task) if p)
+        _, _, _, y = self._text(v, detail, 0, y, s.body, TEXT_2, self._regular, max_width=w)
+        if fallback:
+            note = fallback.split(":", 1)[1].strip() if ":" in fallback else fallback
+            text = f"{backend} ({note})" if backend else fallback
+            self._text(v, text, 0, y, s.body, AMBER, self._regular, max_width=w)
+        else:
+            self._text(v, backend, 0, y, s.body, TEXT_2, self._regular, max_width=w)
+
+    def _draw_perf(self, v: np.ndarray, fps: str, latency: str) -> None:
+        s = self.sz
+        w = v.shape[1]
+        left, right = "FRAME RATE", "LATENCY"
+        if sum(self._bold.measure(t, s.caption)[0] for t in (left, right)) + 2 * s.gap > w:
+            left, right = "FPS", "LAT."
+        _, _, _, y = self._text(v, left, 0, 0, s.caption, TEXT_2)
+        self._text(v, right, w, 0, s.caption, TEXT_2, anchor="rt")
+        self._text(v, f"{fps} fps", 0, y, s.body, TEXT)
+        self._text(v, f"{latency} ms", w, y, s.body, TEXT, anchor="rt")
+
+    def _draw_messages(self, v: np.ndarray, messages: tuple[str, ...]) -> None:
+        s = self.sz
+        w = v.shape[1]
+        _, _, _, y = self._text(v, "MESSAGES", 0, 0, s.caption, TEXT_2)
+        y += s.gap // 2
+        for i, msg in enumerate(messages):
+            color = TEXT if i == 0 else TEXT_2
+            _, _, _, y = self._text(v, msg, 0, y, s.small, color, self._regular, max_width=w)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _where(r: Result) -> tuple[str, ...]:
+    """The location lines of a finding (frame pixel coordinates)."""
+    lines = []
+    if r.area_fraction is not None:
+        lines.append(f"Area {r.area_fraction * 100:.1f} %")
+    if r.centroid is not None:
+        lines.append(f"Centroid ({r.centroid[0]:.0f}, {r.centroid[1]:.0f}) px")
+    if r.boxes:
+        n = len(r.boxes)
+        lines.insert(0, f"{n} box" if n == 1 else f"{n} boxes")
+    if not lines and r.heatmap is not None:
+        lines.append("Heatmap shown on image")
+    return tuple(lines)
+
+
+def _as_uint8_image(px: np.ndarray) -> np.ndarray:
+    """Gray HxW or BGR HxWx3 uint8 (accepts HxWx1, BGRA and other integer/float types, leniently)."""
+    if px.ndim == 3:
+        if px.shape[2] == 1:
+            px = px[:, :, 0]
+        elif px.shape[2] == 4:
+            px = cv2.cvtColor(px, cv2.COLOR_BGRA2BGR)
+    if px.dtype != np.uint8:
+        px = np.clip(px, 0, 255).astype(np.uint8)
+    if not px.flags.c_contiguous:
+        px = np.ascontiguousarray(px)
+    return px

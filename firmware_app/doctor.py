@@ -1,0 +1,186 @@
+"""``firmware-app doctor``: one OK / MISSING / FAULT line per thing the box needs.
+
+For the biomedical engineer installing the box: what was found (runtimes, accelerators, display, GPIO,
+serial, capture devices, free space, clock, board config, models) and, for anything not OK, what to do.
+Exit code 1 when anything is FAULT (something present but broken), else 0.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from firmware_app.errors import FirmwareAppError
+
+OK, MISSING, FAULT = "OK", "MISSING", "FAULT"
+MIN_FREE_MB = 500
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status:<8} {self.name:<16} {self.detail}"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_runtime() -> Check:
+    for dist, mod in (
+        ("ai-edge-litert", "ai_edge_litert.interpreter"),
+        ("tflite-runtime", "tflite_runtime.interpreter"),
+    ):
+        v = _version(dist)
+        if v is None:
+            continue
+        try:
+            __import__(mod)
+        except ImportError as exc:
+            return Check("tflite runtime", FAULT, f"{dist} {v} installed but does not import: {exc}")
+        return Check("tflite runtime", OK, f"{dist} {v} (python {sys.version.split()[0]})")
+    return Check("tflite runtime", MISSING, "pip install ai-edge-litert")
+
+
+def check_edgetpu(device: str | None) -> Check:
+    from firmware_app.backends.edgetpu import EdgeTpu
+
+    usb = any(
+        Path(p).read_text().strip() in ("1a6e", "18d1")
+        for p in glob.glob("/sys/bus/usb/devices/*/idVendor")
+        if Path(p).is_file()
+    )
+    pcie = bool(glob.glob("/dev/apex_*"))
+    try:
+        EdgeTpu(device).delegates()
+    except FirmwareAppError as exc:
+        status = FAULT if (usb or pcie) else MISSING
+        return Check("edge tpu", status, str(exc))
+    return Check("edge tpu", OK, f"delegate loaded ({'PCIe' if pcie else 'USB'})")
+
+
+def check_tensorrt() -> Check:
+    v = _version("tensorrt")
+    if v is None:
+        return Check("tensorrt", MISSING, "not installed (Jetson: comes with JetPack)")
+    return Check(
+        "tensorrt", OK, f"tensorrt {v} (this build runs LiteRT on the CPU; TensorRT backend not enabled)"
+    )
+
+
+def check_display(uri: str) -> Check:
+    fbs = sorted(glob.glob("/sys/class/graphics/fb*"))
+    if uri.startswith("fb:"):
+        dev = uri[3:]
+        name = Path(dev).name
+        sysfs = Path("/sys/class/graphics") / name
+        if not Path(dev).exists():
+            return Check(
+                "display", MISSING, f"{dev} not found (board display {uri}); the daemon runs headless"
+            )
+        try:
+            size = (sysfs / "virtual_size").read_text().strip()
+            bpp = (sysfs / "bits_per_pixel").read_text().strip()
+        except OSError as exc:
+            return Check("display", FAULT, f"{dev}: cannot read {sysfs} ({exc})")
+        if not os.access(dev, os.W_OK):
+            return Check(
+                "display", FAULT, f"{dev} ({size}, {bpp} bpp) is not writable: add the user to 'video'"
+            )
+        return Check("display", OK, f"{dev} {size} {bpp} bpp")
+    found = ", ".join(Path(f).name for f in fbs) or "no framebuffer"
+    return Check("display", OK, f"board display {uri} ({found} present)")
+
+
+def check_devices(name: str, patterns: list[str], hint: str) -> Check:
+    found = sorted(p for pat in patterns for p in glob.glob(pat))
+    if not found:
+        return Check(name, MISSING, hint)
+    unusable = [p for p in found if not os.access(p, os.R_OK | os.W_OK)]
+    if len(unusable) == len(found):
+        return Check(name, FAULT, f"{', '.join(found)} present but not accessible to this user")
+    return Check(name, OK, ", ".join(found))
+
+
+def check_space(data_dir: str) -> Check:
+    path = Path(data_dir)
+    probe = path if path.exists() else path.parent
+    if not probe.exists():
+        return Check("data dir", MISSING, f"{data_dir} does not exist (created on first install)")
+    usage = shutil.disk_usage(probe)
+    free_mb = usage.free / 1e6
+    writable = os.access(probe, os.W_OK)
+    status = OK if free_mb >= MIN_FREE_MB and writable else FAULT
+    detail = f"{data_dir}: {free_mb:,.0f} MB free" + ("" if writable else ", NOT writable")
+    return Check("data dir", status, detail)
+
+
+def check_clock() -> Check:
+    year = time.gmtime().tm_year
+    if year < 2024:
+        return Check("clock", FAULT, f"system time {time.strftime('%Y-%m-%d %H:%M:%S')} is not set (no RTC?)")
+    return Check("clock", OK, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+
+def run_checks(board_ref: str | None, data_dir: str) -> list[Check]:
+    from firmware_app.config import load_board
+    from firmware_app.models.store import bundled_models_dir, find_model
+
+    checks = [check_runtime()]
+    try:
+        board = load_board(board_ref)
+        checks.append(Check("board config", OK, f"{board.name} ({board.path})"))
+    except FirmwareAppError as exc:
+        checks.append(Check("board config", FAULT, str(exc)))
+        board = load_board(None)
+    order = board.backend["order"]
+    if "edgetpu" in order:
+        checks.append(check_edgetpu(board.backend["edgetpu_device"] or None))
+    checks.append(check_tensorrt())
+    checks.append(check_display(board.display["uri"]))
+    checks.append(check_devices("capture", ["/dev/video*"], "no /dev/video* (plug in the video grabber)"))
+    checks.append(
+        check_devices("gpio", ["/dev/gpiochip*"], "no /dev/gpiochip* (buttons and lights unavailable)")
+    )
+    checks.append(
+        check_devices(
+            "serial", ["/dev/ttyUSB*", "/dev/ttyACM*", "/dev/ttyAMA*", "/dev/serial0"], "no serial port"
+        )
+    )
+    checks.append(check_space(data_dir))
+    checks.append(check_clock())
+    try:
+        ref = find_model(board.model["id"], data_dir)
+        from firmware_app.backends.litert import LiteRTBackend
+
+        with LiteRTBackend(ref.tflite, threads=1) as backend:
+            shape = list(backend.input.shape)
+        checks.append(
+            Check("model", OK, f"{ref.manifest.id} {ref.manifest.version} ({ref.origin}) input {shape}")
+        )
+    except FirmwareAppError as exc:
+        checks.append(Check("model", FAULT, str(exc)))
+    checks.append(
+        Check("models dir", OK if bundled_models_dir().is_dir() else MISSING, str(bundled_models_dir()))
+    )
+    return checks
+
+
+def run_doctor(board_ref: str | None, data_dir: str) -> int:
+    checks = run_checks(board_ref, data_dir)
+    for c in checks:
+        print(c.line())
+    return 1 if any(c.status == FAULT for c in checks) else 0

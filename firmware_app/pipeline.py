@@ -1,0 +1,448 @@
+"""The real-time pipeline: source -> preprocess -> backend -> task -> screen -> displays.
+
+Three threads, two one-item slots:
+
+    capture ──newest frame──▶ inference ──(frame, its result)──▶ presenter ──canvas──▶ displays
+    (source.read)            (preprocess, invoke, postprocess)   (Screen.render)
+
+- A live source (camera, paced phantom) feeds a *lossy* slot: inference always takes the newest frame and
+  never works through a backlog; overwritten frames are counted as dropped. A finite source (DICOM file,
+  image folder, video replayed as fast as possible) feeds *lossless* slots: every frame is processed.
+- A result travels together with the frame it was computed from, so the presenter can only draw a result
+  on its own frame. When no result has come for ``stale_after_ms`` while newer raw frames arrive (a slow
+  model, AI switched off), the presenter shows the live frame marked "AI PENDING" with the last finding
+  greyed as STALE, never another frame's overlay.
+- Every stage stamps its time; ``stats()`` gives rolling p50/p99 per stage and end to end (capture -> shown).
+
+``build_pipeline`` assembles it from a board config; reading it tells the whole data flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from firmware_app.backends import BackendChoice, make_backend
+from firmware_app.config import BoardConfig
+from firmware_app.display.screen import Screen, ScreenState
+from firmware_app.display.sinks import Display, open_display
+from firmware_app.errors import BadFrame, SourceUnavailable
+from firmware_app.models.store import ModelRef
+from firmware_app.preprocess import Preprocessor
+from firmware_app.sources import open_source
+from firmware_app.sources.base import Source
+from firmware_app.stats import RateMeter, RollingTimes, dice
+from firmware_app.tasks import make_postprocessor
+from firmware_app.types import Frame, Result
+
+log = logging.getLogger(__name__)
+
+_END = object()  # end of stream marker passed down the slots
+MESSAGE_SECONDS = 15.0
+NO_SIGNAL_REFRESH_S = 0.5
+
+
+class Slot:
+    """A one-item hand-over between two threads.
+
+    Lossy: ``put`` replaces an item not yet taken (counted in ``dropped``). Lossless: ``put`` waits until
+    the consumer has taken the previous item. ``close`` wakes everybody; ``get`` then returns _END.
+    """
+
+    def __init__(self, lossless: bool) -> None:
+        self.lossless = lossless
+        self._cv = threading.Condition()
+        self._item: Any = None
+        self._full = False
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: Any) -> None:
+        with self._cv:
+            if self.lossless or item is _END:  # the end marker never replaces a real item
+                while self._full and not self._closed:
+                    self._cv.wait()
+            elif self._full:
+                self.dropped += 1
+            if self._closed:
+                return
+            self._item, self._full = item, True
+            self._cv.notify_all()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The item, or None after ``timeout`` seconds, or _END once closed and drained."""
+        with self._cv:
+            if not self._full and not self._closed:
+                self._cv.wait(timeout)
+            if self._full:
+                item, self._item, self._full = self._item, None, False
+                self._cv.notify_all()
+                return item
+            return _END if self._closed else None
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+@dataclass
+class Counters:
+    frames_in: int = 0
+    frames_inferred: int = 0
+    frames_shown: int = 0
+    errors: int = 0
+    dice_sum: float = 0.0
+    dice_n: int = 0
+
+
+@dataclass
+class PipelineOptions:
+    max_frames: int | None = None  # stop after this many frames have been inferred (None: until stopped)
+    stale_after_ms: float = 500.0
+    no_signal_after_ms: float = 500.0
+    stats_window: int = 600
+    display_fps: float = 30.0
+
+
+@dataclass
+class Pipeline:
+    source: Source
+    model: ModelRef
+    choice: BackendChoice
+    screen: Screen
+    displays: list[Display]
+    options: PipelineOptions = field(default_factory=PipelineOptions)
+    # called with (frame, result) for each result, on the inference thread (recorder, alerts, serial ...)
+    listeners: list[Callable[[Frame, Result], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        m = self.model.manifest
+        backend = self.choice.backend
+        self.preprocess = Preprocessor(m, backend.input)
+        self.postprocess = make_postprocessor(m, backend.outputs)
+        self.threshold = m.alert
+        self.ai_enabled = True
+        self.times = RollingTimes(self.options.stats_window)
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._messages: deque[tuple[float, str]] = deque(maxlen=8)
+        for notice in self.choice.notices:
+            self.notify(notice)
+        lossless = not self.source.live
+        self._raw = Slot(lossless)
+        self._results = Slot(lossless)
+        self._latest_raw: Frame | None = None
+        self._no_signal_since: float | None = None
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._shown_rate = RateMeter()
+        self.t_start_ns = time.monotonic_ns()
+        self.t_first_result_shown_ns: int | None = None
+
+    # -- control -----------------------------------------------------------------------------------
+    def set_threshold(self, value: float) -> float:
+        """A clinician's threshold, kept within the manifest's bounds; returns what is in force."""
+        self.threshold = self.model.manifest.clamp_threshold(value)
+        return self.threshold
+
+    def notify(self, message: str) -> None:
+        """A one-line notice for the screen (and the log, by the caller)."""
+        with self._lock:
+            self._messages.appendleft((time.monotonic(), message))
+
+    def messages(self) -> tuple[str, ...]:
+        now = time.monotonic()
+        with self._lock:
+            return tuple(m for t, m in self._messages if now - t < MESSAGE_SECONDS)
+
+    def start(self) -> None:
+        self.source.open()
+        for d in self.displays:
+            d.open()
+        for target, name in (
+            (self._capture_loop, "capture"),
+            (self._inference_loop, "inference"),
+            (self._present_loop, "present"),
+        ):
+            t = threading.Thread(target=self._guard(target), name=f"fwapp-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except Exception:  # a bug in a stage must not leave the other threads waiting forever
+                log.exception("pipeline thread %s failed", threading.current_thread().name)
+                with self._lock:
+                    self.counters.errors += 1
+                self.stop()
+
+        return run
+
+    def stop(self) -> None:
+        """Ask every thread to finish (safe from a signal handler or any thread)."""
+        self._stop.set()
+        self.source.stop()
+        self._raw.close()
+        self._results.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the stream ends, ``max_frames`` are done, or stop() (True), or the timeout (False)."""
+        return self._done.wait(timeout)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.stop()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.source.close()
+        for d in self.displays:
+            try:
+                d.close()
+            except Exception as exc:  # noqa: BLE001 - a display failing at close must not lose the stats
+                log.error("closing display: %s", exc)
+        self.choice.backend.close()
+
+    def run(self) -> dict[str, Any]:
+        """Start, wait for the end, close; returns stats()."""
+        self.start()
+        try:
+            self.wait()
+        finally:
+            self.close()
+        return self.stats()
+
+    # -- capture -----------------------------------------------------------------------------------
+    def _capture_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self.source.read()
+            except SourceUnavailable as exc:
+                if self._no_signal_since is None:
+                    self._no_signal_since = time.monotonic()
+                    log.warning("%s", exc)
+                    self.notify(str(exc))
+                continue
+            except BadFrame as exc:
+                log.error("skipped: %s", exc)
+                self.notify(f"Skipped {exc}")
+                with self._lock:
+                    self.counters.errors += 1
+                continue
+            if frame is None:
+                break
+            self._no_signal_since = None
+            with self._lock:
+                self.counters.frames_in += 1
+            self._latest_raw = frame
+            self._raw.put(frame)
+        self._raw.put(_END)
+
+    def no_signal(self) -> bool:
+        since = self._no_signal_since
+        return since is not None and (time.monotonic() - since) * 1000 >= self.options.no_signal_after_ms
+
+    # -- inference ---------------------------------------------------------------------------------
+    def infer(self, frame: Frame) -> Result:
+        """preprocess -> invoke -> postprocess for one frame, each stage timed."""
+        t0 = time.monotonic_ns()
+        tensor = self.preprocess(frame.pixels)
+        t1 = time.monotonic_ns()
+        raw = self.choice.backend.invoke(tensor)
+        t2 = time.monotonic_ns()
+        result = self.postprocess(raw, frame.id, (frame.width, frame.height), self.threshold)
+        t3 = time.monotonic_ns()
+        self.times.add_ns("queue", frame.t_capture_ns, t0)
+        self.times.add_ns("preprocess", t0, t1)
+        self.times.add_ns("invoke", t1, t2)
+        self.times.add_ns("postprocess", t2, t3)
+        return result
+
+    def _inference_loop(self) -> None:
+        max_frames = self.options.max_frames
+        while True:
+            frame = self._raw.get()
+            if frame is _END or frame is None and self._stop.is_set():
+                break
+            if frame is None:
+                continue
+            if not self.ai_enabled:
+                self._results.put((frame, None))
+                continue
+            try:
+                result = self.infer(frame)
+            except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the device
+                log.exception("inference failed on frame %d", frame.id)
+                self.notify(f"Inference failed on frame {frame.id}: {exc}")
+                with self._lock:
+                    self.counters.errors += 1
+                continue
+            with self._lock:
+                self.counters.frames_inferred += 1
+                n = self.counters.frames_inferred
+                if frame.truth is not None and result.mask is not None:
+                    self.counters.dice_sum += dice(result.mask, frame.truth)
+                    self.counters.dice_n += 1
+            for listener in self.listeners:
+                try:
+                    listener(frame, result)
+                except Exception:  # noqa: BLE001
+                    log.exception("result listener %r failed", listener)
+            self._results.put((frame, result))
+            if max_frames is not None and n >= max_frames:
+                self.source.stop()
+                break
+        self._results.put(_END)
+
+    # -- presentation ------------------------------------------------------------------------------
+    def _state(
+        self, frame: Frame | None, result: Result | None, stale: Result | None, pending: bool
+    ) -> ScreenState:
+        m = self.model.manifest
+        fps = self._shown_rate.rate()
+        e2e = self.times.percentiles("e2e")
+        return ScreenState(
+            frame=frame,
+            result=result,
+            stale_result=stale,
+            no_signal=self.no_signal(),
+            ai_pending=pending and self.ai_enabled,
+            ai_off=not self.ai_enabled,
+            not_for_diagnostic=not m.cleared_for_clinical_use,
+            fallback_notice=self.choice.notices[0] if self.choice.notices else None,
+            model_id=m.id,
+            model_version=m.version,
+            backend=self.choice.backend.name,
+            task=m.task,
+            fps=fps,
+            latency_ms=e2e["p50"] if e2e else None,
+            threshold=self.threshold,
+            messages=self.messages(),
+        )
+
+    def _show(self, state: ScreenState, frame: Frame | None) -> None:
+        t0 = time.monotonic_ns()
+        canvas = self.screen.render(state)
+        t1 = time.monotonic_ns()
+        for d in self.displays:
+            try:
+                d.show(canvas)
+            except Exception as exc:  # noqa: BLE001 - a broken display must not stop inference
+                log.error("display %s failed: %s", type(d).__name__, exc)
+                with self._lock:
+                    self.counters.errors += 1
+        t2 = time.monotonic_ns()
+        self.times.add_ns("render", t0, t1)
+        self.times.add_ns("display", t1, t2)
+        self._shown_rate.tick(t2)
+        with self._lock:
+            self.counters.frames_shown += 1
+        if frame is not None:
+            self.times.add_ns("e2e", frame.t_capture_ns, t2)
+        if state.result is not None and self.t_first_result_shown_ns is None:
+            self.t_first_result_shown_ns = t2
+
+    def _present_loop(self) -> None:
+        stale_s = self.options.stale_after_ms / 1000.0
+        idle_period = 1.0 / max(self.options.display_fps, 1.0)
+        last_result: Result | None = None
+        last_result_t = time.monotonic()
+        last_shown_id = -1
+        last_idle_show = 0.0  # when the NO SIGNAL screen was last refreshed
+        while True:
+            item = self._results.get(timeout=idle_period)
+            if item is _END:
+                break
+            now = time.monotonic()
+            if item is not None:
+                frame, result = item
+                if result is not None:
+                    last_result, last_result_t = result, now
+                    self._show(self._state(frame, result, None, False), frame)
+                else:  # AI switched off: the live image only
+                    self._show(self._state(frame, None, None, False), frame)
+                last_shown_id = frame.id
+                continue
+            if self._stop.is_set():
+                break
+            # nothing new from inference in this period
+            raw = self._latest_raw
+            if self.no_signal():
+                if now - last_idle_show >= NO_SIGNAL_REFRESH_S:
+                    self._show(self._state(None, None, last_result, False), None)
+                    last_idle_show = now
+            elif raw is not None and raw.id > last_shown_id and now - last_result_t >= stale_s:
+                self._show(self._state(raw, None, last_result, True), raw)
+                last_shown_id = raw.id
+        self._done.set()
+
+    # -- figures -----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        m = self.model.manifest
+        out: dict[str, Any] = {
+            "frames_in": c.frames_in,
+            "frames_inferred": c.frames_inferred,
+            "frames_shown": c.frames_shown,
+            # captured but never inferred (live source), or inferred but superseded before it was shown
+            "frames_dropped": self._raw.dropped + self._results.dropped,
+            "mismatched_overlays": self.screen.mismatched_overlays,
+            "errors": c.errors,
+            "stages_ms": self.times.summary(),
+            "model": f"{m.id}@{m.version}",
+            "backend": self.choice.backend.name,
+            "threads": self.choice.backend.threads,
+            "source": self.source.uri,
+            "fps": round(self._shown_rate.rate() or 0.0, 2),
+            "notices": list(self.choice.notices),
+        }
+        if self.t_first_result_shown_ns is not None:
+            out["first_result_s"] = round((self.t_first_result_shown_ns - self.t_start_ns) / 1e9, 3)
+        if c.dice_n:
+            out["dice"] = round(c.dice_sum / c.dice_n, 4)
+            out["dice_frames"] = c.dice_n
+        return out
+
+
+def build_pipeline(
+    board: BoardConfig,
+    model: ModelRef,
+    source_uri: str | None = None,
+    display_uris: list[str] | None = None,
+    max_frames: int | None = None,
+    accelerator: Any = None,
+) -> Pipeline:
+    """source -> preprocess -> backend -> task -> screen -> displays, from a board config."""
+    source = open_source(source_uri or board.source["uri"], board.profile, board.source)
+    choice = make_backend(
+        model,
+        order=board.backend["order"],
+        threads=board.backend["threads"],
+        edgetpu_device=board.backend["edgetpu_device"] or None,
+        accelerator=accelerator,
+    )
+    size = (board.display["width"], board.display["height"])
+    fps = float(board.display["fps"])
+    uris = display_uris or [board.display["uri"]]
+    # a framebuffer dictates the screen size; every other display takes it from there
+    displays = [open_display(u, size=size, fps=fps) for u in uris if u.startswith("fb:")]
+    if displays:
+        size = displays[0].size
+    displays += [open_display(u, size=size, fps=fps) for u in uris if not u.startswith("fb:")]
+    p = board.pipeline
+    options = PipelineOptions(
+        max_frames=max_frames,
+        stale_after_ms=float(p["stale_after_ms"]),
+        no_signal_after_ms=float(p["no_signal_after_ms"]),
+        stats_window=int(p["stats_window"]),
+        display_fps=fps,
+    )
+    return Pipeline(source, model, choice, Screen(*size), displays, options)

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from firmware_app.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("firmware-app: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "--board", "no-such-board"], "board 'no-such-board' not found"),
+        (["run", "--model", "no-such-model"], "model 'no-such-model' not found"),
+        (["run", "--source", "rtsp://x"], "unknown scheme 'rtsp'"),
+        (["run", "--source", "images:/nonexistent/folder", "--frames", "1"], "/nonexistent/folder not found"),
+        (["run", "--source", "synthetic:ultrasound?seed=abc"], "seed='abc' is not an integer"),
+        (["run", "--display", "hdmi:1"], "hdmi:1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, float_model_dir, argv, needle):
+    if "--model" not in argv:
+        argv = [*argv, "--model", str(float_model_dir)]
+    code, _, err = run_cli(capsys, "--data-dir", str(tmp_path), *argv)
+    assert code == 2
+    assert needle in one_error_line(err)
+
+
+def test_third_party_float_model_runs_with_a_manifest(capsys, tmp_path, float_model_dir):
+    stats_path = tmp_path / "stats.json"
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "--model",
+        str(float_model_dir),
+        "--source",
+        "synthetic:ultrasound?fps=0",
+        "--display",
+        f"png:{tmp_path / 'screen'}",
+        "--frames",
+        "5",
+        "--stats",
+        str(stats_path),
+        "--data-dir",
+        str(tmp_path),
+    )
+    assert code == 0, err
+    stats = json.loads(stats_path.read_text())
+    assert stats["frames_inferred"] == 5 and stats["model"] == "selfie-seg@0.10.18"
+    assert stats["mismatched_overlays"] == 0 and stats["backend"] == "litert-cpu"
+    assert (tmp_path / "screen" / "last_frame.png").is_file()
+
+
+def test_data_dir_accepted_after_the_subcommand(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "models", "list", "--data-dir", str(tmp_path))
+    assert code == 0
+
+
+def test_doctor_reports_each_item(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "doctor", "--data-dir", str(tmp_path))
+    names = {line.split()[1] for line in out.splitlines() if line.split()}
+    for item in ("tflite", "board", "display", "capture", "gpio", "serial", "data", "clock", "model"):
+        assert item in names
+    assert all(line.split()[0] in ("OK", "MISSING", "FAULT") for line in out.splitlines())
+    assert code in (0, 1)
+
+
+def test_doctor_on_edgetpu_board_reports_missing_accelerator(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "doctor", "--board", "rpi5-coral-usb", "--data-dir", str(tmp_path))
+    line = next(ln for ln in out.splitlines() if "edge tpu" in ln)
+    assert line.startswith("MISSING") and "libedgetpu.so.1" in line
+
+
+def test_sigterm_stops_the_daemon_cleanly(tmp_path, float_model_dir):
+    stats = tmp_path / "stats.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "firmware_app",
+            "--data-dir",
+            str(tmp_path),
+            "run",
+            "--model",
+            str(float_model_dir),
+            "--source",
+            "synthetic:ultrasound?fps=15&width=160&height=120",
+            "--display",
+            "null",
+            "--stats",
+            str(stats),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    time.sleep(2.0)  # up and showing frames
+    assert proc.poll() is None
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 3.0
+    assert json.loads(stats.read_text())["frames_inferred"] > 0

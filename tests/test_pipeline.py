@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from firmware_app.backends import BackendChoice
+from firmware_app.backends.base import Backend
+from firmware_app.backends.litert import LiteRTBackend
+from firmware_app.config import load_board
+from firmware_app.display.screen import Screen
+from firmware_app.display.sinks import open_display
+from firmware_app.models.store import find_model
+from firmware_app.pipeline import _END, Pipeline, PipelineOptions, Slot, build_pipeline
+from firmware_app.sources import open_source
+from firmware_app.sources.v4l2 import MockCapture, V4l2Source
+
+
+class SlowBackend(Backend):
+    """Wraps a real backend and makes invoke slower, like a big model on a small board."""
+
+    def __init__(self, inner: Backend, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+        self.name, self.threads = inner.name, inner.threads
+        self.input, self.outputs = inner.input, inner.outputs
+        self.calls = 0
+
+    def invoke(self, tensor):
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return self.inner.invoke(tensor)
+
+
+class RecordingScreen(Screen):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.states = []
+
+    def render(self, state):
+        self.states.append(state)
+        return super().render(state)
+
+
+def make(model_dir, source, delay_s=0.0, max_frames=None, **opts) -> Pipeline:
+    model = find_model(str(model_dir))
+    backend = LiteRTBackend(model.tflite, threads=1)
+    if delay_s:
+        backend = SlowBackend(backend, delay_s)
+    src = open_source(source) if isinstance(source, str) else source
+    return Pipeline(
+        src,
+        model,
+        BackendChoice(backend),
+        RecordingScreen(320, 240),
+        [open_display("null", size=(320, 240))],
+        PipelineOptions(max_frames=max_frames, **opts),
+    )
+
+
+def test_slot_lossy_keeps_newest_and_counts_drops():
+    s = Slot(lossless=False)
+    for i in range(5):
+        s.put(i)
+    assert s.get(0) == 4 and s.dropped == 4 and s.get(0.01) is None
+    s.put(9)
+    threading.Timer(0.05, s.get).start()
+    s.put(_END)  # the end marker waits for the real item to be taken instead of replacing it
+    assert s.get(1) is _END and s.dropped == 4
+
+
+def test_slot_lossless_blocks_until_taken():
+    s = Slot(lossless=True)
+    s.put(1)
+    done = threading.Event()
+    threading.Thread(target=lambda: (s.put(2), done.set()), daemon=True).start()
+    assert not done.wait(0.1)
+    assert s.get(0) == 1 and done.wait(1) and s.get(0) == 2
+
+
+def test_pipeline_runs_frames_and_every_overlay_is_on_its_own_frame(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?seed=3&fps=0", max_frames=12)
+    stats = p.run()
+    assert stats["frames_inferred"] == 12 and stats["errors"] == 0
+    assert stats["mismatched_overlays"] == 0
+    assert 0.0 <= stats["dice"] <= 1.0 and stats["dice_frames"] == 12
+    shown = [s for s in p.screen.states if s.result is not None]
+    assert shown and all(s.result.frame_id == s.frame.id for s in shown)
+    for stage in ("preprocess", "invoke", "postprocess", "render", "e2e"):
+        assert stats["stages_ms"][stage]["p50"] >= 0
+
+
+def test_finite_source_processes_every_frame(float_model_dir, tmp_path: Path):
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((60, 80), i * 30, np.uint8))
+    p = make(float_model_dir, f"images:{tmp_path}", delay_s=0.02)
+    stats = p.run()
+    assert stats["frames_in"] == stats["frames_inferred"] == 6 and stats["frames_dropped"] == 0
+    assert sorted({s.frame.id for s in p.screen.states if s.result}) == list(range(6))
+
+
+def test_slow_model_never_works_through_a_backlog(float_model_dir):
+    # a 120 fps probe and a model that needs 60 ms: inference takes the newest frame, older ones are dropped
+    p = make(float_model_dir, "synthetic:ultrasound?fps=120&width=160&height=120", delay_s=0.06, max_frames=8)
+    stats = p.run()
+    assert stats["frames_inferred"] == 8
+    assert stats["frames_dropped"] > 8
+    assert stats["stages_ms"]["queue"]["p50"] < 30  # a frame waits at most one capture period, not a backlog
+    assert stats["mismatched_overlays"] == 0
+
+
+def test_frames_shown_before_their_result_are_marked_pending_never_overlaid(float_model_dir):
+    p = make(
+        float_model_dir,
+        "synthetic:ultrasound?fps=60&width=160&height=120",
+        delay_s=0.25,
+        max_frames=3,
+        stale_after_ms=50,
+    )
+    p.run()
+    pending = [s for s in p.screen.states if s.ai_pending]
+    assert pending, "live frames should be shown while the model is busy"
+    assert all(s.result is None for s in pending)
+    assert any(s.stale_result is not None for s in pending)  # the last finding is kept, marked stale
+    assert all(s.result.frame_id == s.frame.id for s in p.screen.states if s.result is not None)
+
+
+def test_unplugged_capture_shows_no_signal_and_recovers(float_model_dir):
+    cap = MockCapture(160, 120, plugged=False)
+    src = V4l2Source("v4l2:/dev/video0", cap, reconnect_s=0.05)
+    p = make(float_model_dir, src, max_frames=3, no_signal_after_ms=100)
+    p.start()
+    t0 = time.monotonic()
+    while not any(s.no_signal for s in p.screen.states) and time.monotonic() - t0 < 2:
+        time.sleep(0.02)
+    assert any(s.no_signal and s.frame is None for s in p.screen.states)
+    assert time.monotonic() - t0 < 1.0
+    cap.plugged = True
+    assert p.wait(5)
+    p.close()
+    assert p.stats()["frames_inferred"] == 3
+
+
+def test_stop_ends_an_endless_run_quickly(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?fps=30&width=160&height=120")
+    p.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    p.stop()
+    assert p.wait(2)
+    p.close()
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_ai_off_shows_live_frames_without_inference(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?fps=0&width=160&height=120", max_frames=None)
+    p.ai_enabled = False
+    p.start()
+    time.sleep(0.3)
+    p.close()
+    assert p.counters.frames_inferred == 0
+    assert p.screen.states and all(s.ai_off and s.result is None for s in p.screen.states)
+
+
+def test_threshold_stays_in_manifest_bounds(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?fps=0")
+    assert p.set_threshold(0.05) == 0.3 and p.set_threshold(2.0) == 0.9 and p.set_threshold(0.42) == 0.42
+
+
+def test_build_pipeline_from_board_config(float_model_dir, tmp_path: Path):
+    board = load_board("x86-dev")
+    model = find_model(str(float_model_dir))
+    p = build_pipeline(board, model, "synthetic:xray?fps=0", [f"png:{tmp_path}"], max_frames=2)
+    stats = p.run()
+    assert stats["frames_inferred"] == 2 and (tmp_path / "last_frame.png").is_file()
+    img = cv2.imread(str(tmp_path / "last_frame.png"))
+    assert img.shape == (480, 800, 3)
+
+
+@pytest.mark.parametrize("bad_display", ["hdmi:0", "png:"])
+def test_bad_display_uri_is_bad_input(float_model_dir, bad_display):
+    from firmware_app.errors import BadDisplay
+
+    with pytest.raises(BadDisplay):
+        build_pipeline(
+            load_board("x86-dev"), find_model(str(float_model_dir)), "synthetic:xray", [bad_display]
+        )

@@ -120,6 +120,9 @@ class Pipeline:
     options: PipelineOptions = field(default_factory=PipelineOptions)
     # called with (frame, result) for each result, on the inference thread (recorder, alerts, serial ...)
     listeners: list[Callable[[Frame, Result], None]] = field(default_factory=list)
+    # the backend chain and accelerator used again when the model is switched at run time
+    backend_order: list[str] = field(default_factory=lambda: ["cpu"])
+    accelerator: Any = None
 
     def __post_init__(self) -> None:
         m = self.model.manifest
@@ -138,19 +141,80 @@ class Pipeline:
         self._raw = Slot(lossless)
         self._results = Slot(lossless)
         self._latest_raw: Frame | None = None
+        self._last_shown: tuple[Frame | None, Result | None, Result | None] | None = None
         self._no_signal_since: float | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
+        self._frozen = threading.Event()
+        self._pending_model: tuple | None = None
         self._threads: list[threading.Thread] = []
         self._shown_rate = RateMeter()
         self.t_start_ns = time.monotonic_ns()
         self.t_first_result_shown_ns: int | None = None
 
-    # -- control -----------------------------------------------------------------------------------
+    # -- controls (buttons, serial commands) ---------------------------------------------------------
     def set_threshold(self, value: float) -> float:
         """A clinician's threshold, kept within the manifest's bounds; returns what is in force."""
         self.threshold = self.model.manifest.clamp_threshold(value)
+        log.info("alert threshold set to %.2f", self.threshold)
         return self.threshold
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen.is_set()
+
+    def freeze(self) -> None:
+        """Hold the image on screen for review; inference pauses until unfreeze()."""
+        self._frozen.set()
+
+    def unfreeze(self) -> None:
+        self._frozen.clear()
+
+    def set_ai(self, enabled: bool) -> None:
+        self.ai_enabled = bool(enabled)
+        log.info("AI %s", "on" if self.ai_enabled else "off")
+
+    def switch_model(self, model: ModelRef) -> str:
+        """Load ``model`` on the same backend chain and swap it in between two frames.
+
+        The new model is fully loaded before the swap; if it fails to load, the old one keeps running.
+        """
+        choice = make_backend(
+            model, self.backend_order, self.choice.backend.threads, accelerator=self.accelerator
+        )
+        pre = Preprocessor(model.manifest, choice.backend.input)
+        post = make_postprocessor(model.manifest, choice.backend.outputs)
+        with self._lock:
+            self._pending_model = (model, choice, pre, post)
+        m = model.manifest
+        self.notify(f"Model {m.id} {m.version} loaded")
+        return f"{m.id} {m.version}"
+
+    def _apply_pending_model(self) -> None:
+        with self._lock:
+            pending, self._pending_model = self._pending_model, None
+        if pending is None:
+            return
+        old = self.choice.backend
+        self.model, self.choice, self.preprocess, self.postprocess = pending
+        self.threshold = self.model.manifest.alert
+        old.close()
+
+    def status(self) -> dict[str, Any]:
+        m = self.model.manifest
+        c = self.counters
+        return {
+            "model": m.id,
+            "version": m.version,
+            "backend": self.choice.backend.name,
+            "fps": round(self._shown_rate.rate() or 0.0, 1),
+            "frozen": self.frozen,
+            "ai": self.ai_enabled,
+            "threshold": self.threshold,
+            "no_signal": self.no_signal(),
+            "frames": c.frames_inferred,
+            "errors": c.errors,
+        }
 
     def notify(self, message: str) -> None:
         """A one-line notice for the screen (and the log, by the caller)."""
@@ -274,6 +338,9 @@ class Pipeline:
                 break
             if frame is None:
                 continue
+            if self.frozen:
+                continue  # the screen holds the frozen image; live frames are not inferred meanwhile
+            self._apply_pending_model()
             if not self.ai_enabled:
                 self._results.put((frame, None))
                 continue
@@ -326,9 +393,11 @@ class Pipeline:
             latency_ms=e2e["p50"] if e2e else None,
             threshold=self.threshold,
             messages=self.messages(),
+            frozen=self.frozen,
         )
 
     def _show(self, state: ScreenState, frame: Frame | None) -> None:
+        self._last_shown = (frame, state.result, state.stale_result)
         t0 = time.monotonic_ns()
         canvas = self.screen.render(state)
         t1 = time.monotonic_ns()
@@ -357,11 +426,21 @@ class Pipeline:
         last_result_t = time.monotonic()
         last_shown_id = -1
         last_idle_show = 0.0  # when the NO SIGNAL screen was last refreshed
+        shown_frozen = False
         while True:
             item = self._results.get(timeout=idle_period)
             if item is _END:
                 break
             now = time.monotonic()
+            if self.frozen:
+                if not shown_frozen and self._last_shown is not None:  # the same picture, marked FROZEN
+                    frame, result, stale = self._last_shown
+                    self._show(self._state(frame, result, stale, False), None)
+                    shown_frozen = True
+                continue
+            if shown_frozen:
+                shown_frozen = False
+                last_result_t = now  # the model needs a moment after unfreezing: not "pending" yet
             if item is not None:
                 frame, result = item
                 if result is not None:
@@ -445,4 +524,13 @@ def build_pipeline(
         stats_window=int(p["stats_window"]),
         display_fps=fps,
     )
-    return Pipeline(source, model, choice, Screen(*size), displays, options)
+    return Pipeline(
+        source,
+        model,
+        choice,
+        Screen(*size),
+        displays,
+        options,
+        backend_order=list(board.backend["order"]),
+        accelerator=accelerator,
+    )

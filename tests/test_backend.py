@@ -41,6 +41,7 @@ def test_chain_falls_back_to_cpu_and_says_so(float_model_dir: Path):
     choice = make_backend(model, ["edgetpu", "cpu"], threads=1, accelerator=MockEdgeTpu(present=False))
     assert choice.backend.name == "litert-cpu"
     assert choice.fell_back and "Edge TPU not found" in choice.notices[0]
+    assert choice.notices[0].startswith("CPU FALLBACK: edgetpu unavailable")
 
 
 def test_chain_uses_edgetpu_variant_when_accelerator_present(float_model_dir: Path):

@@ -188,3 +188,54 @@ def test_bad_display_uri_is_bad_input(float_model_dir, bad_display):
         build_pipeline(
             load_board("x86-dev"), find_model(str(float_model_dir)), "synthetic:xray", [bad_display]
         )
+
+
+def wait_for(pred, timeout=3.0):
+    t0 = time.monotonic()
+    while not pred() and time.monotonic() - t0 < timeout:
+        time.sleep(0.01)
+    return pred()
+
+
+def test_freeze_holds_the_picture_and_unfreeze_resumes(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?fps=30&width=160&height=120")
+    p.start()
+    assert wait_for(lambda: p.counters.frames_inferred >= 2)
+    p.freeze()
+    assert wait_for(lambda: any(s.frozen for s in p.screen.states))
+    frozen_state = next(s for s in p.screen.states if s.frozen)
+    n_inferred, n_states = p.counters.frames_inferred, len(p.screen.states)
+    time.sleep(0.3)
+    assert p.counters.frames_inferred <= n_inferred + 1  # at most the frame already in flight
+    assert len(p.screen.states) == n_states  # nothing new drawn while frozen
+    assert frozen_state.result is None or frozen_state.result.frame_id == frozen_state.frame.id
+    p.unfreeze()
+    assert wait_for(lambda: p.counters.frames_inferred > n_inferred + 2)
+    p.close()
+    assert p.stats()["mismatched_overlays"] == 0
+
+
+def test_switch_model_swaps_between_frames(float_model_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(float_model_dir, other)
+    text = (other / "manifest.toml").read_text().replace('id = "selfie-seg"', 'id = "selfie-two"')
+    (other / "manifest.toml").write_text(text.replace("alert = 0.5", "alert = 0.6"))
+    p = make(float_model_dir, "synthetic:ultrasound?fps=30&width=160&height=120")
+    p.start()
+    assert wait_for(lambda: p.counters.frames_inferred >= 1)
+    assert p.switch_model(find_model(str(other))) == "selfie-two 0.10.18"
+    assert wait_for(lambda: p.status()["model"] == "selfie-two")
+    assert p.status()["threshold"] == 0.6
+    assert wait_for(lambda: any(s.model_id == "selfie-two" for s in p.screen.states))
+    p.close()
+    assert p.stats()["errors"] == 0
+
+
+def test_status_reports_the_controls(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?fps=0")
+    p.set_ai(False)
+    p.set_threshold(0.7)
+    st = p.status()
+    assert st["model"] == "selfie-seg" and st["ai"] is False and st["threshold"] == 0.7 and not st["frozen"]

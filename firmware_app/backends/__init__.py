@@ -60,6 +60,8 @@ def make_backend(
             continue
         if notices:
             log.warning("using backend %s after fallback", backend.name)
+            if name == "cpu":
+                notices = [f"CPU FALLBACK: {n}" for n in notices]
         return BackendChoice(backend, notices)
     raise BackendUnavailable(f"no backend could run model {model.manifest.id}: " + "; ".join(notices))
 

@@ -92,6 +92,7 @@ class ScreenState:
     messages: tuple[str, ...] = ()  # recent one-line notices, newest first; 1-3 shown
     silent_trial: bool = False  # only the image and "SILENT TRIAL": no overlay, no finding
     input_warning: str | None = None  # e.g. "INPUT UNLIKE TRAINING DATA"
+    frozen: bool = False  # the clinician froze the image for review -> "FROZEN"
 
 
 @dataclass(frozen=True)
@@ -526,6 +527,8 @@ class Screen:
 
     def _draw_banners(self, state: ScreenState, stale: bool) -> None:
         chips: list[tuple[str, Color]] = []
+        if state.frozen:
+            chips.append(("FROZEN", CHIP_INFO))
         if state.ai_off:
             chips.append(("AI OFF", CHIP_INFO))
         if state.silent_trial:

@@ -1,8 +1,10 @@
 """``synthetic:ultrasound`` and ``synthetic:xray``: deterministic phantoms with ground truth.
 
 Query: ``seed`` (default 0), ``fps`` (default: the board's source fps; 0 = as fast as possible),
-``width``/``height`` (default 640x480), ``frames`` (end after N frames; default: endless). A live source:
-it paces itself to ``fps`` like a probe would, and the pipeline keeps only the newest frame.
+``width``/``height`` (default 640x480), ``frames`` (end after N frames; default: endless). With ``fps`` > 0
+it is a live source: it paces itself like a probe would, and the pipeline keeps only the newest frame.
+With ``fps=0`` it makes the next frame as soon as the previous one is taken (no frame is rendered only to
+be dropped): the source for measuring the pipeline's own speed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class SyntheticSource(Source):
             raise BadSource(f"source {uri!r}: unknown phantom {kind!r}; use {', '.join(KINDS)}")
         self.kind = kind
         self.seed, self.fps, self.frames = seed, fps, frames
+        self.live = fps > 0
         self.phantom = KINDS[kind](width=width, height=height, seed=seed)
         self._t = 0
         self._next_due = 0.0

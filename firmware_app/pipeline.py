@@ -141,6 +141,7 @@ class Pipeline:
         self._raw = Slot(lossless)
         self._results = Slot(lossless)
         self._latest_raw: Frame | None = None
+        self._superseded = 0  # results held for the screen and replaced by a newer one before shown
         self._last_shown: tuple[Frame | None, Result | None, Result | None] | None = None
         self._no_signal_since: float | None = None
         self._stop = threading.Event()
@@ -396,6 +397,11 @@ class Pipeline:
             frozen=self.frozen,
         )
 
+    def _show_item(self, item: tuple[Frame, Result | None]) -> None:
+        """A frame with its own result (or alone, with AI off)."""
+        frame, result = item
+        self._show(self._state(frame, result, None, False), frame)
+
     def _show(self, state: ScreenState, frame: Frame | None) -> None:
         self._last_shown = (frame, state.result, state.stale_result)
         t0 = time.monotonic_ns()
@@ -420,19 +426,32 @@ class Pipeline:
             self.t_first_result_shown_ns = t2
 
     def _present_loop(self) -> None:
+        """Show each result on its own frame, at most at the display's refresh rate.
+
+        A result that arrives less than a refresh period after the last one shown is held, and replaced by
+        a newer one if that comes first (counted as dropped): the screen cannot show more, and rendering
+        what nobody sees would take CPU from the model. The last result of a run is always shown.
+        """
         stale_s = self.options.stale_after_ms / 1000.0
-        idle_period = 1.0 / max(self.options.display_fps, 1.0)
+        period = 1.0 / max(self.options.display_fps, 1.0)
+        min_gap = 0.8 * period  # absorbs the jitter of a source running at the display's rate
         last_result: Result | None = None
         last_result_t = time.monotonic()
+        last_show_t = 0.0
         last_shown_id = -1
         last_idle_show = 0.0  # when the NO SIGNAL screen was last refreshed
         shown_frozen = False
+        held: tuple[Frame, Result | None] | None = None
         while True:
-            item = self._results.get(timeout=idle_period)
+            timeout = period if held is None else max(0.0, last_show_t + min_gap - time.monotonic())
+            item = self._results.get(timeout=timeout)
             if item is _END:
+                if held is not None:
+                    self._show_item(held)
                 break
             now = time.monotonic()
             if self.frozen:
+                held = None
                 if not shown_frozen and self._last_shown is not None:  # the same picture, marked FROZEN
                     frame, result, stale = self._last_shown
                     self._show(self._state(frame, result, stale, False), None)
@@ -442,13 +461,15 @@ class Pipeline:
                 shown_frozen = False
                 last_result_t = now  # the model needs a moment after unfreezing: not "pending" yet
             if item is not None:
-                frame, result = item
-                if result is not None:
-                    last_result, last_result_t = result, now
-                    self._show(self._state(frame, result, None, False), frame)
-                else:  # AI switched off: the live image only
-                    self._show(self._state(frame, None, None, False), frame)
-                last_shown_id = frame.id
+                if held is not None:
+                    self._superseded += 1
+                held = item
+                if held[1] is not None:
+                    last_result, last_result_t = held[1], now
+            if held is not None:
+                if now - last_show_t >= min_gap:
+                    self._show_item(held)
+                    last_shown_id, last_show_t, held = held[0].id, now, None
                 continue
             if self._stop.is_set():
                 break
@@ -471,8 +492,10 @@ class Pipeline:
             "frames_in": c.frames_in,
             "frames_inferred": c.frames_inferred,
             "frames_shown": c.frames_shown,
-            # captured but never inferred (live source), or inferred but superseded before it was shown
-            "frames_dropped": self._raw.dropped + self._results.dropped,
+            # captured but never inferred: a live source outran the model (the newest frame wins)
+            "frames_dropped": self._raw.dropped,
+            # inferred, then superseded by a newer result before the screen's next refresh
+            "results_not_shown": self._results.dropped + self._superseded,
             "mismatched_overlays": self.screen.mismatched_overlays,
             "errors": c.errors,
             "stages_ms": self.times.summary(),

@@ -4,7 +4,8 @@ Query: ``seed`` (default 0), ``fps`` (default: the board's source fps; 0 = as fa
 ``width``/``height`` (default 640x480), ``frames`` (end after N frames; default: endless). With ``fps`` > 0
 it is a live source: it paces itself like a probe would, and the pipeline keeps only the newest frame.
 With ``fps=0`` it makes the next frame as soon as the previous one is taken (no frame is rendered only to
-be dropped): the source for measuring the pipeline's own speed.
+be dropped): the source for measuring the pipeline's own speed. ``cache=N`` renders N frames once at
+open() and cycles through them, so the source costs no CPU per frame, as a capture card's DMA does not.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class SyntheticSource(Source):
         height: int = 480,
         frames: int | None = None,
         profile: SourceProfile | None = None,
+        cache: int = 0,
     ) -> None:
         super().__init__(uri, profile)
         if kind not in KINDS:
@@ -43,13 +45,15 @@ class SyntheticSource(Source):
         self.kind = kind
         self.seed, self.fps, self.frames = seed, fps, frames
         self.live = fps > 0
+        self.cache = cache
+        self._cached: list[tuple] = []
         self.phantom = KINDS[kind](width=width, height=height, seed=seed)
         self._t = 0
         self._next_due = 0.0
 
     @classmethod
     def from_uri(cls, uri, target, params, *, profile, options: dict[str, Any]) -> SyntheticSource:
-        unknown = set(params) - {"seed", "fps", "width", "height", "frames"}
+        unknown = set(params) - {"seed", "fps", "width", "height", "frames", "cache"}
         if unknown:
             raise BadSource(f"source {uri!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
         frames = int_param(uri, params, "frames", 0, minimum=1) if "frames" in params else None
@@ -62,7 +66,19 @@ class SyntheticSource(Source):
             height=int_param(uri, params, "height", 480, minimum=32),
             frames=frames,
             profile=profile,
+            cache=int_param(uri, params, "cache", 0),
         )
+
+    def open(self) -> None:
+        if self.cache and not self._cached:
+            self._cached = [self._render(t) for t in range(self.cache)]
+
+    def _render(self, t: int) -> tuple:
+        if self.kind == "ultrasound":
+            img, mask = self.phantom.render(t)
+            return img, mask, None
+        img, mask, boxes = self.phantom.render(t)
+        return img, mask, tuple(boxes)
 
     def read(self) -> Frame | None:
         if self.stopping.is_set() or (self.frames is not None and self._t >= self.frames):
@@ -78,10 +94,6 @@ class SyntheticSource(Source):
             self._next_due = max(self._next_due + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
         t = self._t
         self._t += 1
-        if self.kind == "ultrasound":
-            img, mask = self.phantom.render(t)
-            return self.make_frame(img, {"phantom": "ultrasound", "seed": self.seed, "t": t}, truth=mask)
-        img, mask, boxes = self.phantom.render(t)
-        return self.make_frame(
-            img, {"phantom": "xray", "seed": self.seed, "t": t}, truth=mask, truth_boxes=tuple(boxes)
-        )
+        img, mask, boxes = self._cached[t % self.cache] if self._cached else self._render(t)
+        meta = {"phantom": self.kind, "seed": self.seed, "t": t}
+        return self.make_frame(img, meta, truth=mask, truth_boxes=boxes)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firmware_app.device.gpio import GpioConfig, parse_gpio_config
+from firmware_app.device.serial_link import SerialConfig, parse_serial_config
 from firmware_app.errors import BadConfig
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.tomlio import load_toml
@@ -29,6 +31,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "backend": ((dict,), {}),
         "display": ((dict,), {}),
         "pipeline": ((dict,), {}),
+        "gpio": ((dict,), None),  # validated by firmware_app.device.gpio.parse_gpio_config
+        "serial": ((dict,), None),  # validated by firmware_app.device.serial_link.parse_serial_config
     },
     "source": {
         "uri": ((str,), "synthetic:ultrasound"),
@@ -71,6 +75,8 @@ class BoardConfig:
     pipeline: dict[str, Any]
     description: str = ""
     profile: SourceProfile = field(default_factory=SourceProfile)
+    gpio: GpioConfig | None = None  # no [gpio]: no buttons or lights
+    serial: SerialConfig | None = None  # no [serial]: no serial link
 
 
 def board_configs_dir() -> Path:
@@ -122,8 +128,18 @@ def parse_board(data: dict[str, Any], where: str, path: Path | None = None) -> B
         {k: v for k, v in (("crop", s["crop"]), ("blackout", s["blackout"])) if v is not None},
         f"{where}: [source]",
     )
+    gpio = parse_gpio_config(top["gpio"], where) if top["gpio"] is not None else None
+    serial = parse_serial_config(top["serial"], where) if top["serial"] is not None else None
     name = top["name"] or (path.stem if path else "board")
-    return BoardConfig(name=name, path=path, description=top["description"], profile=profile, **sections)
+    return BoardConfig(
+        name=name,
+        path=path,
+        description=top["description"],
+        profile=profile,
+        gpio=gpio,
+        serial=serial,
+        **sections,
+    )
 
 
 def load_board(ref: str | None = None) -> BoardConfig:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 _END = object()  # end of stream marker passed down the slots
 MESSAGE_SECONDS = 15.0
 NO_SIGNAL_REFRESH_S = 0.5
+HEARTBEAT_S = 0.5  # the inference loop wakes at least this often, frames or not
 
 
 class Slot:
@@ -123,6 +124,8 @@ class Pipeline:
     # the backend chain and accelerator used again when the model is switched at run time
     backend_order: list[str] = field(default_factory=lambda: ["cpu"])
     accelerator: Any = None
+    # called from the inference loop at least every HEARTBEAT_S while it runs (a hung model stops the calls)
+    heartbeat: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         m = self.model.manifest
@@ -334,7 +337,9 @@ class Pipeline:
     def _inference_loop(self) -> None:
         max_frames = self.options.max_frames
         while True:
-            frame = self._raw.get()
+            frame = self._raw.get(timeout=HEARTBEAT_S)
+            if self.heartbeat is not None:
+                self.heartbeat()  # the loop is alive (the systemd watchdog is fed from here), even with no frames
             if frame is _END or frame is None and self._stop.is_set():
                 break
             if frame is None:

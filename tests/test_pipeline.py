@@ -239,3 +239,26 @@ def test_status_reports_the_controls(float_model_dir):
     p.set_threshold(0.7)
     st = p.status()
     assert st["model"] == "selfie-seg" and st["ai"] is False and st["threshold"] == 0.7 and not st["frozen"]
+
+
+def test_inference_loop_heartbeat_continues_without_frames(float_model_dir):
+    cap = MockCapture(160, 120, plugged=False)  # NO SIGNAL: no frames at all
+    p = make(float_model_dir, V4l2Source("v4l2:0", cap, reconnect_s=0.05))
+    beats = []
+    p.heartbeat = lambda: beats.append(time.monotonic())
+    p.start()
+    time.sleep(1.3)
+    p.close()
+    assert len(beats) >= 2  # fed at least every 0.5 s although no frame came
+
+
+def test_hung_model_stops_the_heartbeat(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?fps=30&width=160&height=120", delay_s=3.0)
+    beats = []
+    p.heartbeat = lambda: beats.append(time.monotonic())
+    p.start()
+    time.sleep(1.5)
+    n = len(beats)
+    time.sleep(1.0)
+    assert len(beats) == n  # stuck in invoke: no beats, so systemd's watchdog would restart the service
+    p.stop()

@@ -76,12 +76,31 @@ def make_parser() -> argparse.ArgumentParser:
     _common(p, top=False)
     p.add_argument("--board", help="board name or TOML file (default x86-dev)")
 
+    p = sub.add_parser("update", help="verify and install a signed model bundle (file, or a stick's folder)")
+    _common(p, top=False)
+    p.add_argument("path", help="a .fwb bundle, or a folder holding *.fwb (a mounted stick)")
+    p.add_argument("--dry-run", action="store_true", help="verify and self-test only; change nothing")
+    p.add_argument("--board", help="board name or TOML file (default x86-dev)")
+
+    p = sub.add_parser("selftest", help="every installed model's golden vectors on the active backend")
+    _common(p, top=False)
+    p.add_argument("--board", help="board name or TOML file (default x86-dev)")
+
+    p = sub.add_parser("audit", help="the audit log")
+    _common(p, top=False)
+    asub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    a = asub.add_parser("verify", help="check the hash chain and signed checkpoints of the audit log")
+    _common(a, top=False)
+
     p = sub.add_parser("models", help="installed and bundled models")
     _common(p, top=False)
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     m = msub.add_parser("list", help="every model found")
     _common(m, top=False)
     m = msub.add_parser("show", help="one model's manifest")
+    _common(m, top=False)
+    m.add_argument("id")
+    m = msub.add_parser("rollback", help="return an installed model to its previous slot")
     _common(m, top=False)
     m.add_argument("id")
     return parser
@@ -117,6 +136,18 @@ def main(argv: list[str] | None = None) -> int:
             return run_doctor(args.board, args.data_dir)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "update":
+            from firmware_app.update.commands import cmd_update
+
+            return cmd_update(args.path, args.data_dir, args.board, args.dry_run)
+        if args.command == "selftest":
+            from firmware_app.update.commands import cmd_selftest
+
+            return cmd_selftest(args.data_dir, args.board)
+        if args.command == "audit":
+            from firmware_app.update.commands import cmd_audit_verify
+
+            return cmd_audit_verify(args.data_dir)
     except FirmwareAppError as exc:
         print(f"firmware-app: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -158,7 +189,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from firmware_app.models.store import find_model, list_models
 
+    if args.models_command == "rollback":
+        from firmware_app.update.commands import cmd_rollback
+
+        return cmd_rollback(args.id, args.data_dir)
     if args.models_command == "list":
+        from firmware_app.update.commands import installed_models
+
+        for slot in installed_models(args.data_dir):
+            print(slot.line())
         for ref in list_models(args.data_dir):
             m = ref.manifest
             cleared = "cleared" if m.cleared_for_clinical_use else "NOT FOR DIAGNOSTIC USE"

@@ -45,5 +45,5 @@ class BackendUnavailable(FirmwareAppError):
     """An accelerator (Edge TPU, TensorRT) cannot be used; the chain falls back to the next one."""
 
 
-class BundleRejected(FirmwareAppError):
+class BundleRejected(BadInput):
     """An update bundle failed verification; the message says which check."""

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,59 @@ def test_sigterm_stops_the_daemon_cleanly(tmp_path, float_model_dir):
     assert proc.returncode == 0, err
     assert time.monotonic() - t0 < 3.0
     assert json.loads(stats.read_text())["frames_inferred"] > 0
+
+
+def test_update_selftest_rollback_through_the_command_line(tmp_path, capsys):
+    """keygen -> make_bundle -> firmware-app update -> models list -> selftest -> models rollback."""
+    from update_kit import make_model
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    keys = tmp_path / "signing"
+    tool = [sys.executable]
+    subprocess.run(
+        [*tool, str(repo / "tools" / "keygen.py"), "--out", str(keys)], check=True, capture_output=True
+    )
+    (data / "keys").mkdir(parents=True)
+    (data / "keys" / "hospital.pub").write_bytes((keys / "signing.pub").read_bytes())
+    bundles = []
+    for seq, version in ((1, "1.0.0"), (2, "1.1.0")):
+        model = make_model(tmp_path / f"m{seq}", version)
+        out = tmp_path / f"selfie-{version}.fwb"
+        subprocess.run(
+            [
+                *tool,
+                str(repo / "tools" / "make_bundle.py"),
+                str(model),
+                "--sequence",
+                str(seq),
+                "--board",
+                "x86-dev",
+                "--key",
+                str(keys / "signing.key"),
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        bundles.append(out)
+    d = ["--data-dir", str(data)]
+    code, out, err = run_cli(capsys, *d, "update", str(bundles[0]))
+    assert code == 0 and "installed" in out, err
+    code, out, err = run_cli(capsys, *d, "update", str(bundles[1]))
+    assert code == 0 and "1.1.0" in out, err
+    code, out, err = run_cli(
+        capsys, *d, "update", str(bundles[0])
+    )  # older sequence: rejected, nothing changes
+    assert code == 2 and "Rejected" in err
+    code, out, _ = run_cli(capsys, *d, "models", "list")
+    assert "1.1.0" in out
+    code, out, err = run_cli(capsys, *d, "selftest")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, *d, "models", "rollback", "selfie-seg")
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, *d, "models", "show", "selfie-seg")
+    assert "version: 1.0.0" in out and "installed" in out
+    code, out, err = run_cli(capsys, *d, "audit", "verify")
+    assert code == 0 and "intact" in out, err

@@ -1,0 +1,156 @@
+"""The audit log's hash chain finds every edited, removed, inserted or reordered line, and names it."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from firmware_app import audit as audit_mod
+from firmware_app.audit import AuditLog, verify_log
+from firmware_app.update.commands import cmd_audit_verify
+
+
+@pytest.fixture
+def log(data_dir):
+    log = AuditLog(data_dir)
+    for i in range(6):
+        log.append("update_installed", model_id="us-fluid-seg", version=f"1.{i}.0", sequence=i + 1)
+    return log
+
+
+def lines(data_dir, name="000001.jsonl"):
+    return (data_dir / "audit" / name).read_bytes().split(b"\n")[:-1]
+
+
+def rewrite(data_dir, new_lines, name="000001.jsonl"):
+    (data_dir / "audit" / name).write_bytes(b"".join(line + b"\n" for line in new_lines))
+
+
+def test_appended_lines_carry_the_chain(data_dir, log):
+    records = [json.loads(line) for line in lines(data_dir)]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[0]["prev"] == "0" * 64
+    assert records[2]["version"] == "1.2.0" and records[2]["event"] == "update_installed"
+    assert verify_log(data_dir) == []
+
+
+def test_edited_line_is_found(data_dir, log):
+    ls = lines(data_dir)
+    ls[2] = ls[2].replace(b"1.2.0", b"9.9.9")
+    rewrite(data_dir, ls)
+    assert verify_log(data_dir) == [
+        "audit/000001.jsonl line 4: hash chain broken (the line before it was edited, removed or inserted)"
+    ]
+
+
+def test_removed_line_is_found(data_dir, log):
+    ls = lines(data_dir)
+    del ls[3]
+    rewrite(data_dir, ls)
+    problems = verify_log(data_dir)
+    assert any(p.startswith("audit/000001.jsonl line 4: hash chain broken") for p in problems)
+    assert any("seq 5 follows seq 3" in p for p in problems)
+
+
+def test_inserted_line_is_found(data_dir, log):
+    ls = lines(data_dir)
+    ls.insert(2, ls[1])
+    rewrite(data_dir, ls)
+    assert any(p.startswith("audit/000001.jsonl line 3:") for p in verify_log(data_dir))
+
+
+def test_reordered_lines_are_found(data_dir, log):
+    ls = lines(data_dir)
+    ls[1], ls[2] = ls[2], ls[1]
+    rewrite(data_dir, ls)
+    problems = verify_log(data_dir)
+    assert any("line 2: seq 3 follows seq 1" in p for p in problems)
+
+
+def test_edited_or_removed_last_line_is_found(data_dir, log):
+    ls = lines(data_dir)
+    rewrite(data_dir, [*ls[:-1], ls[-1].replace(b"1.5.0", b"1.6.0")])
+    assert verify_log(data_dir) == [
+        "audit/000001.jsonl line 6: does not match audit/HEAD (the last line was edited)"
+    ]
+    rewrite(data_dir, ls[:-1])
+    assert verify_log(data_dir) == ["audit/HEAD: the log ends at seq 5 but HEAD says 6 (last lines removed)"]
+
+
+def test_garbage_line_and_removed_head_are_found(data_dir, log):
+    ls = lines(data_dir)
+    rewrite(data_dir, [*ls[:3], b"not json", *ls[3:]])
+    assert "audit/000001.jsonl line 4: not an audit record (edited, torn or inserted)" in verify_log(data_dir)
+    rewrite(data_dir, ls)
+    (data_dir / "audit" / "HEAD").unlink()
+    assert verify_log(data_dir) == ["audit/HEAD: missing (removed); the end of the log cannot be checked"]
+
+
+def test_chain_runs_across_rotated_files_and_a_removed_file_is_found(data_dir, monkeypatch):
+    monkeypatch.setattr(audit_mod, "ROTATE_BYTES", 600)
+    log = AuditLog(data_dir)
+    for i in range(12):
+        log.append("capture", frame=i)
+    files = sorted((data_dir / "audit").glob("*.jsonl"))
+    assert len(files) >= 3
+    assert verify_log(data_dir) == []
+    files[1].unlink()
+    problems = verify_log(data_dir)
+    assert any(p.startswith(f"audit/{files[2].name}: expected file 000002.jsonl") for p in problems)
+    assert any(p.startswith(f"audit/{files[2].name} line 1: hash chain broken") for p in problems)
+
+
+def test_a_torn_last_line_is_reported_and_the_chain_goes_on(data_dir, log):
+    with open(data_dir / "audit" / "000001.jsonl", "ab") as fh:
+        fh.write(b'{"seq":7,"ev')  # power cut in the middle of a write
+    log.append("boot", starts=1)
+    problems = verify_log(data_dir)
+    assert problems == ["audit/000001.jsonl line 7: not an audit record (edited, torn or inserted)"]
+    assert json.loads(lines(data_dir)[-1])["seq"] == 7
+
+
+def test_concurrent_writers_keep_one_chain(data_dir):
+    def write(n):
+        log = AuditLog(data_dir)
+        for i in range(15):
+            log.append("capture", writer=n, frame=i)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert verify_log(data_dir) == []
+    assert len(lines(data_dir)) == 60
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"patient_name": "DOE^JANE"},
+        {"birth_date": "19700101"},
+        {"name": "x"},
+        {"study": {"uid": "1.2"}},
+    ],
+)
+def test_patient_identifiers_and_free_form_data_are_refused(data_dir, fields):
+    with pytest.raises(ValueError):
+        AuditLog(data_dir).append("capture", **fields)
+    assert not list((data_dir / "audit").glob("*.jsonl"))
+
+
+def test_long_strings_are_cut(data_dir):
+    record = AuditLog(data_dir).append("update_failed", reason="x" * 5000)
+    assert len(record["reason"]) == audit_mod.MAX_STRING
+    assert verify_log(data_dir) == []
+
+
+def test_audit_verify_command(data_dir, log, capsys):
+    assert cmd_audit_verify(data_dir) == 0
+    assert "6 line(s) in 1 file(s)" in capsys.readouterr().out
+    ls = lines(data_dir)
+    rewrite(data_dir, [ls[0], ls[2], ls[1], *ls[3:]])
+    assert cmd_audit_verify(data_dir) == 1
+    assert "audit: audit/000001.jsonl line 2" in capsys.readouterr().err

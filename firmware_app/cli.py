@@ -63,6 +63,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--display", action="append", help="display URI, repeatable (default: the board's)")
     p.add_argument("--frames", type=_positive, help="stop after N frames have been inferred")
     p.add_argument("--stats", help="write stats.json here at the end")
+    p.add_argument("--capture-every", type=_positive, metavar="K", help="capture every K-th analysed frame")
+    p.add_argument(
+        "--silent-trial",
+        action="store_true",
+        default=None,
+        help="record results but show only the image and SILENT TRIAL (also [pipeline] silent_trial)",
+    )
 
     p = sub.add_parser("bench", help="performance figures, measured in one run")
     _common(p, top=False)
@@ -85,6 +92,15 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("selftest", help="every installed model's golden vectors on the active backend")
     _common(p, top=False)
     p.add_argument("--board", help="board name or TOML file (default x86-dev)")
+
+    p = sub.add_parser("export", help="captures -> DICOM File-set with DICOMDIR (e.g. on a USB stick)")
+    _common(p, top=False)
+    p.add_argument("--to", required=True, metavar="DIR", help="target folder (a mounted stick)")
+    p.add_argument("--deidentify", action="store_true", help="remove patient identifiers on export")
+    p.add_argument(
+        "--feedback", action="store_true", help="export the 'disagree' cases (de-identified) instead"
+    )
+    p.add_argument("--purge", action="store_true", help="delete captures from the device after a full export")
 
     p = sub.add_parser("audit", help="the audit log")
     _common(p, top=False)
@@ -145,9 +161,16 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_selftest(args.data_dir, args.board)
         if args.command == "audit":
+            from firmware_app.records.commands import cmd_verify_records
             from firmware_app.update.commands import cmd_audit_verify
 
-            return cmd_audit_verify(args.data_dir)
+            return max(cmd_audit_verify(args.data_dir), cmd_verify_records(args.data_dir))
+        if args.command == "export":
+            from firmware_app.records.commands import cmd_export, cmd_export_feedback
+
+            if args.feedback:
+                return cmd_export_feedback(args.data_dir, args.to)
+            return cmd_export(args.data_dir, args.to, args.deidentify, purge=args.purge)
     except FirmwareAppError as exc:
         print(f"firmware-app: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -159,22 +182,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from firmware_app.config import load_board
-    from firmware_app.models.store import find_model
-    from firmware_app.pipeline import build_pipeline
+    from firmware_app.daemon import Daemon
 
     board = load_board(args.board)
-    model = find_model(args.model or board.model["id"], args.data_dir)
-    pipeline = build_pipeline(board, model, args.source, args.display, args.frames)
+    daemon = Daemon(
+        board,
+        args.data_dir,
+        model_ref=args.model,
+        source_uri=args.source,
+        display_uris=args.display,
+        max_frames=args.frames,
+        capture_every=args.capture_every or 0,
+        silent_trial=args.silent_trial,
+    )
+    pipeline = daemon.pipeline
     for notice in pipeline.choice.notices:
         print(f"firmware-app: notice: {notice}", file=sys.stderr)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum)
-        pipeline.stop()
+        daemon.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stats = pipeline.run()
+    stats = daemon.run()
     if pipeline.t_first_result_shown_ns is not None:
         age = process_age_s()
         if age is not None:

@@ -60,6 +60,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "stale_after_ms": (_NUM, 500.0),
         "no_signal_after_ms": (_NUM, 500.0),
         "stats_window": ((int,), 600),
+        "silent_trial": ((bool,), False),  # results recorded, screen shows only the image and SILENT TRIAL
     },
 }
 
@@ -95,7 +96,7 @@ def _check(table: dict[str, Any], section: str, where: str) -> dict[str, Any]:
         if key not in schema:
             raise BadConfig(f"{where}: unknown key {prefix}{key}; allowed: {', '.join(schema)}")
         types, _ = schema[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             names = " or ".join("number" if t is float else t.__name__ for t in types)
             raise BadConfig(f"{where}: {prefix}{key} must be {names}, got {type(value).__name__} {value!r}")
         out[key] = value

@@ -150,6 +150,8 @@ class Pipeline:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._frozen = threading.Event()
+        self.silent_trial = False  # results are computed and recorded, the screen shows only the image
+        self.input_warning: str | None = None  # set by the drift monitor
         self._pending_model: tuple | None = None
         self._threads: list[threading.Thread] = []
         self._shown_rate = RateMeter()
@@ -400,6 +402,8 @@ class Pipeline:
             threshold=self.threshold,
             messages=self.messages(),
             frozen=self.frozen,
+            silent_trial=self.silent_trial,
+            input_warning=self.input_warning,
         )
 
     def _show_item(self, item: tuple[Frame, Result | None]) -> None:

@@ -52,6 +52,7 @@ class Manifest:
     heatmap_output: int | None = None
     calibration: Calibration = Calibration()
     golden_atol: float = 1.0
+    reference: dict[str, Any] | None = None  # [reference]: training input statistics (drift warning)
     path: Path | None = None  # the folder
 
     def clamp_threshold(self, value: float) -> float:
@@ -72,6 +73,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "thresholds": ((dict,), True),
         "calibration": ((dict,), False),
         "golden": ((dict,), False),
+        "reference": ((dict,), False),  # input statistics for the drift warning (records.drift)
     },
     "input": {
         "width": ((int,), True),
@@ -177,6 +179,13 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         if c["method"] == "platt" and ("a" not in c or "b" not in c):
             raise bad("[calibration] method 'platt' needs keys a and b")
         cal = Calibration(c["method"], t, float(c.get("a", 1.0)), float(c.get("b", 0.0)))
+    reference = data.get("reference")
+    if reference is not None:
+        from firmware_app.records.drift import check_reference
+
+        problems = check_reference(reference)
+        if problems:
+            raise bad(problems[0])
     atol = float(data.get("golden", {}).get("atol", 1.0))
     if atol < 0:
         raise bad(f"[golden] atol {atol} must be >= 0")
@@ -199,6 +208,7 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         heatmap_output=out.get("heatmap_output"),
         calibration=cal,
         golden_atol=atol,
+        reference=reference,
         path=folder,
     )
 

@@ -1,0 +1,924 @@
+"""DICOM export of captures: a File-set with DICOMDIR, for a USB stick that goes to the hospital PACS.
+
+Per capture (all in the capture's study; every reference by UID):
+
+1. the **source image**: the captured frame exactly as the model saw it, as Ultrasound Image Storage for an
+   ultrasound source (a video feed or a US file) or Secondary Capture otherwise (an X-ray file, a camera).
+   For a DICOM source it is a new instance in the source's study (Image Type DERIVED\\SECONDARY) that
+   points to the original instance and frame (Source Image Sequence): the frame went through the display
+   mapping (VOI/LUT to 8 bits) and the source profile's crop, so it is not the original pixel data;
+2. the **AI overlay**, burned in: a Secondary Capture of the frame with the overlay and labelled bands
+   ("AI OVERLAY", model id and version, NOT FOR DIAGNOSTIC USE when the model is not cleared), Burned In
+   Annotation YES, Image Comments saying the same, Source Image Sequence -> the source image;
+3. a **Segmentation** (highdicom, BINARY, one segment) when the result has a non-empty mask: same rows and
+   columns as the source image, referencing it;
+4. a **Comprehensive 3D SR** (highdicom TID 1500 Measurement Report) with one measurement group per
+   finding: the region (the SEG segment for segmentation; the box as an SCOORD polyline for detection; the
+   image for classification), the finding, its confidence (DCM 111012 "Certainty of Finding", %), the area,
+   and the algorithm identification (model id + version); the observer is the device (Device UID).
+
+SEG, SR and the overlay carry the IHE AI Results contributing-equipment item: Manufacturer, Manufacturer's
+Model Name = model id, Software Versions = model version, Device UID = this device, Purpose of Reference
+(DCM 109102 "Processing Equipment"), and the model's bundle hash in Contribution Description.
+
+A capture made during a silent trial exports only its source image unless ``include_silent_results``: the
+clinicians must not see the AI's results before go-live.
+
+UIDs are derived from the device UID, the capture id and the object's role, so exporting a capture again
+gives the same UIDs (a PACS then keeps one copy). Only after the whole File-set is written and fsynced are
+the captures marked exported; nothing is deleted here (see ``CaptureStore.purge_exported``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from firmware_app import __version__
+from firmware_app.records.captures import (
+    Capture,
+    CaptureInfo,
+    CaptureStore,
+    audit_append,
+    captures_of,
+)
+from firmware_app.records.crypto import device_secret, device_uid, uid_from_bytes
+from firmware_app.records.deid import Deidentifier
+from firmware_app.records.errors import ExportFailed, ExportTargetError, RecordsError
+from firmware_app.records.fsutil import fsync_dir
+from firmware_app.records.overlay import render_overlay
+
+log = logging.getLogger(__name__)
+
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
+MANUFACTURER = "firmware-app"
+FILESET_ID = "FWAPP"
+BATCH = 25  # captures converted and written per File-set write
+PRIVATE_SCHEME = "99FWAPP"  # labels without a standard code: a local coding scheme
+# series numbers of the device's series in a study
+SERIES = {"source": 9001, "overlay": 9002, "seg": 9003, "sr": 9004}
+SERIES_DESCRIPTION = {
+    "source": "POC capture (AI input frame)",
+    "overlay": "AI overlay (burned in)",
+    "seg": "AI segmentation",
+    "sr": "AI measurement report",
+}
+_LOSSY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+}
+
+
+@dataclass(frozen=True)
+class Equipment:
+    """This device, as it appears in exported objects."""
+
+    device_uid: str
+    manufacturer: str = MANUFACTURER
+    model_name: str = "firmware-app"
+    software_version: str = __version__
+
+    @property
+    def serial(self) -> str:
+        return hashlib.sha256(self.device_uid.encode()).hexdigest()[:12].upper()
+
+    @classmethod
+    def of(cls, data_dir: str | os.PathLike[str]) -> Equipment:
+        return cls(device_uid(data_dir))
+
+
+@dataclass
+class ExportedCapture:
+    capture_id: str
+    files: list[str]  # File IDs relative to the File-set root, in the order source, overlay, SEG, SR
+    uids: dict[str, str]  # role -> SOP Instance UID
+    finding: str
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    export_id: str
+    deidentified: bool
+    exported: list[ExportedCapture] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (capture id, one-line reason)
+    dicomdir: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# -- building the objects -------------------------------------------------------------------------------------
+def _uid(equipment: Equipment, *parts: str) -> str:
+    return uid_from_bytes(hashlib.sha256("\0".join((equipment.device_uid, *parts)).encode()).digest())
+
+
+def _local_time(iso_utc: str) -> datetime:
+    t = datetime.fromisoformat(iso_utc)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone()
+
+
+def _code(label: str) -> Any:
+    from highdicom.sr import CodedConcept
+
+    value = "".join(ch if ch.isalnum() else "-" for ch in label.upper())[:16] or "FINDING"
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=label[:64])
+
+
+def _file_meta(sop_class: str, sop_uid: str) -> Any:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"FWAPP_{__version__}"[:16]
+    return meta
+
+
+def _patient_study(ds: Any, cap: Capture) -> None:
+    """Patient and General Study modules: from the source header, else from the device's study.
+
+    A DICOMDIR needs Patient ID, Study ID, Study Date and Study Time: when the source file leaves them
+    empty, they are filled in (a "NOID-" id and a Study ID derived from the Study Instance UID, the date
+    and time of the source's series/acquisition/content, else of the capture).
+    """
+    hdr = cap.dicom_header
+    st = cap.study
+    ds.PatientName = st.patient_name
+    ds.PatientID = st.patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyInstanceUID = st.study_uid
+    ds.StudyDate = st.study_date
+    ds.StudyTime = st.study_time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = st.study_id
+    ds.AccessionNumber = st.accession_number
+    if hdr is not None:
+        for kw in (
+            "PatientName",
+            "PatientID",
+            "IssuerOfPatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "PatientAge",
+            "ReferringPhysicianName",
+            "StudyDescription",
+            "InstitutionName",
+        ):
+            if kw in hdr and hdr[kw].value not in (None, ""):
+                setattr(ds, kw, hdr[kw].value)
+    digest = hashlib.sha256(st.study_uid.encode()).hexdigest().upper()
+    if not ds.PatientID:
+        ds.PatientID = "NOID-" + digest[:10]
+    if not ds.StudyID:
+        ds.StudyID = digest[:8]
+    if not ds.StudyDate or not ds.StudyTime:
+        when = _local_time(cap.time_utc)
+        date, time_ = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+        if hdr is not None:
+            for d, t in (
+                ("SeriesDate", "SeriesTime"),
+                ("AcquisitionDate", "AcquisitionTime"),
+                ("ContentDate", "ContentTime"),
+            ):
+                if hdr.get(d):
+                    date, time_ = str(hdr.get(d)), str(hdr.get(t) or "000000")
+                    break
+        ds.StudyDate = ds.StudyDate or date
+        ds.StudyTime = ds.StudyTime or time_
+
+
+def _common(
+    cap: Capture,
+    eq: Equipment,
+    sop_class: str,
+    role: str,
+    modality: str,
+    derived_from: tuple[str, str, int | None] | None,
+) -> Any:
+    """A dataset with the Patient, Study, Series, Equipment, General Image and SOP Common modules."""
+    from pydicom.dataset import Dataset
+
+    now = datetime.now().astimezone()
+    when = _local_time(cap.time_utc)
+    sop_uid = _uid(eq, cap.id, role)
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_class, sop_uid)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.TimezoneOffsetFromUTC = now.strftime("%z")
+    _patient_study(ds, cap)
+    ds.Modality = modality
+    ds.SeriesInstanceUID = _uid(eq, cap.study.study_uid, role, "series")
+    ds.SeriesNumber = SERIES[role]
+    ds.SeriesDescription = SERIES_DESCRIPTION[role]
+    ds.Manufacturer = eq.manufacturer
+    ds.ManufacturerModelName = eq.model_name
+    ds.DeviceSerialNumber = eq.serial
+    ds.SoftwareVersions = eq.software_version
+    ds.InstanceNumber = _instance_number(cap.id)
+    ds.ContentDate = when.strftime("%Y%m%d")
+    ds.ContentTime = when.strftime("%H%M%S.%f")[:13]
+    ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
+    ds.PatientOrientation = ""
+    ds.Laterality = ""  # Type 2C: unknown (a point-of-care frame carries no laterality)
+    if derived_from is not None:
+        cls, uid, frame = derived_from
+        item = Dataset()
+        item.ReferencedSOPClassUID = cls
+        item.ReferencedSOPInstanceUID = uid
+        if frame is not None:
+            item.ReferencedFrameNumber = frame
+        ds.SourceImageSequence = [item]
+    return ds
+
+
+def _instance_number(capture_id: str) -> int:
+    """Stable, ordered within a day: seconds of the UTC day of the capture id (YYYYMMDD-HHMMSS-xxxxxx) + 1."""
+    try:
+        hms = capture_id.split("-")[1]
+        return int(hms[:2]) * 3600 + int(hms[2:4]) * 60 + int(hms[4:6]) + 1
+    except (IndexError, ValueError):
+        return 1
+
+
+def _pixels(ds: Any, pixels: np.ndarray) -> None:
+    """Image Pixel module, uncompressed 8-bit; gray -> MONOCHROME2, BGR -> RGB."""
+    px = np.asarray(pixels)
+    if px.dtype != np.uint8:
+        px = np.clip(px, 0, 255).astype(np.uint8)
+    if px.ndim == 3 and px.shape[2] == 1:
+        px = px[:, :, 0]
+    if px.ndim == 3:
+        px = cv2.cvtColor(np.ascontiguousarray(px[:, :, :3]), cv2.COLOR_BGR2RGB)
+        ds.SamplesPerPixel = 3
+        ds.PhotometricInterpretation = "RGB"
+        ds.PlanarConfiguration = 0
+    else:
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(px.shape[0]), int(px.shape[1])
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(px).tobytes()
+
+
+def _lossy(cap: Capture) -> tuple[str, str] | None:
+    """(method, ratio) when the captured frame comes from lossy-compressed source data."""
+    hdr = cap.dicom_header
+    method = _LOSSY_SYNTAXES.get(str(cap.source.get("transfer_syntax", "")))
+    if hdr is not None and str(hdr.get("LossyImageCompression", "")) == "01":
+        prior = hdr.get("LossyImageCompressionMethod")
+        method = method or (
+            str(prior[0] if isinstance(prior, (list, tuple)) else prior) if prior else "ISO_10918_1"
+        )
+    return (method, "") if method else None
+
+
+def source_image(cap: Capture, eq: Equipment) -> Any:
+    """The captured frame as Ultrasound Image Storage (US) or Secondary Capture (anything else)."""
+    modality = cap.modality
+    us = modality == "US"
+    original = None
+    src = cap.source
+    if cap.dicom_header is not None and src.get("SOPInstanceUID") and src.get("SOPClassUID"):
+        n = int(src.get("n_frames", 1) or 1)
+        frame = int(src.get("frame_index", 0)) + 1 if n > 1 else None
+        original = (str(src["SOPClassUID"]), str(src["SOPInstanceUID"]), frame)
+    ds = _common(cap, eq, US_IMAGE if us else SC_IMAGE, "source", modality, original)
+    _pixels(ds, cap.pixels)
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    if cap.dicom_header is not None and cap.dicom_header.get("BurnedInAnnotation") in ("YES", "NO"):
+        ds.BurnedInAnnotation = cap.dicom_header.BurnedInAnnotation
+    if original is not None:
+        ds.DerivationDescription = (
+            "Frame as analysed by the AI: display-mapped to 8 bits, cropped to the image"
+        )
+    if not us:
+        ds.ConversionType = "WSD" if cap.dicom_header is not None else "DV"
+    lossy = _lossy(cap)
+    if lossy is not None:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = lossy[0]
+    elif us:
+        ds.LossyImageCompression = "00"
+    return ds
+
+
+def _ai_equipment(cap: Capture, eq: Equipment) -> Any:
+    """The IHE AI Results contributing-equipment item (model name, version, device UID)."""
+    from highdicom import ContributingEquipment
+    from pydicom.sr.codedict import codes
+
+    m = cap.model
+    item = ContributingEquipment(
+        manufacturer=eq.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=(m.id if m else "unknown model")[:64],
+        software_versions=(m.version if m else "unknown")[:64],
+        device_serial_number=eq.serial,
+        contribution_datetime=_local_time(cap.time_utc),
+        contribution_description=(
+            f"AI inference: {m.id} {m.version}, bundle sha256 {m.bundle_sha256[:16]}" if m else "AI inference"
+        )[:64],
+    )
+    item.DeviceUID = eq.device_uid
+    return item
+
+
+def overlay_image(cap: Capture, eq: Equipment, source: Any) -> Any:
+    """The Secondary Capture with the AI overlay burned in and labelled."""
+    m = cap.model
+    not_cleared = not (m and m.cleared_for_clinical_use)
+    model_id, version = (m.id, m.version) if m else ("unknown model", "")
+    picture = render_overlay(cap.pixels, cap.result, model_id, version, not_cleared)
+    ds = _common(
+        cap, eq, SC_IMAGE, "overlay", cap.modality, (source.SOPClassUID, source.SOPInstanceUID, None)
+    )
+    _pixels(ds, picture)
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.ConversionType = "WSD"
+    ds.BurnedInAnnotation = "YES"
+    ds.RecognizableVisualFeatures = "NO"
+    label = f"AI overlay burned in: {model_id} {version}".strip()
+    ds.ImageComments = label + (". NOT FOR DIAGNOSTIC USE" if not_cleared else "")
+    ds.DerivationDescription = label[:1024]
+    ds.ContributingEquipmentSequence = [_ai_equipment(cap, eq)]
+    if source.get("LossyImageCompression") == "01":
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = source.LossyImageCompressionMethod
+    return ds
+
+
+def _frame_mask(cap: Capture) -> np.ndarray | None:
+    r = cap.result
+    if r is None or r.mask is None:
+        return None
+    m = np.asarray(r.mask)
+    if m.ndim == 3:
+        m = m[:, :, 0]
+    h, w = cap.pixels.shape[:2]
+    if m.shape != (h, w):
+        m = cv2.resize((m > 0).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    m = (m > 0).astype(np.uint8)
+    return m if m.any() else None
+
+
+def segmentation(cap: Capture, eq: Equipment, source: Any) -> Any | None:
+    """A BINARY Segmentation of the finding, aligned with ``source`` (None without a non-empty mask)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    mask = _frame_mask(cap)
+    if mask is None:
+        return None
+    m = cap.model
+    label = (cap.result.label if cap.result and cap.result.label else None) or (
+        m.labels[1] if m and len(m.labels) > 1 else "finding"
+    )
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=(m.id if m else "unknown model")[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=(m.version if m else "unknown")[:64],
+    )
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=label[:64],
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=_code(label),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=[source],
+        pixel_array=mask[None, :, :],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=_uid(eq, cap.study.study_uid, "seg", "series"),
+        series_number=SERIES["seg"],
+        sop_instance_uid=_uid(eq, cap.id, "seg"),
+        instance_number=_instance_number(cap.id),
+        manufacturer=eq.manufacturer,
+        manufacturer_model_name=eq.model_name,
+        software_versions=eq.software_version,
+        device_serial_number=eq.serial,
+        series_description=SERIES_DESCRIPTION["seg"],
+        content_label="AI_SEG",
+        content_description=f"AI segmentation: {m.id} {m.version}"[:64] if m else "AI segmentation",
+        contributing_equipment=[_ai_equipment(cap, eq)],
+    )
+    seg.SpecificCharacterSet = "ISO_IR 192"
+    seg.PatientOrientation = ""  # Type 2C without a frame of reference (highdicom leaves it out)
+    return seg
+
+
+def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None) -> Any:
+    """The TID 1500 Measurement Report: one group per finding, naming the model and its version."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    m = cap.model
+    r = cap.result
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=(m.id if m else "unknown model")[:64], version=(m.version if m else "unknown")[:64]
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=eq.device_uid,
+            name=f"{eq.model_name} AI {m.id if m else ''}".strip()[:64],
+            manufacturer_name=eq.manufacturer,
+            model_name=(m.id if m else eq.model_name)[:64],
+            serial_number=eq.serial,
+        ),
+    )
+    confidence_unit = codes.UCUM.Percent
+    pixels_unit = hd.sr.CodedConcept(value="{pixels}", scheme_designator="UCUM", meaning="pixels")
+
+    def confidence(value: float | None) -> list[Any]:
+        if value is None:
+            return []
+        return [
+            hd.sr.Measurement(
+                name=codes.DCM.CertaintyOfFinding,
+                value=round(float(value) * 100.0, 2),
+                unit=confidence_unit,
+                algorithm_id=algorithm,
+            )
+        ]
+
+    def tracking(n: int) -> Any:
+        return hd.sr.TrackingIdentifier(uid=_uid(eq, cap.id, "finding", str(n)), identifier=f"AI finding {n}")
+
+    groups: list[Any] = []
+    image_ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
+    if r is not None and r.boxes:
+        for n, b in enumerate(r.boxes, start=1):
+            x0, y0, x1, y1 = (float(v) for v in (b.x0, b.y0, b.x1, b.y1))
+            region = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32),
+                source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+            )
+            area = max(0.0, (x1 - x0) * (y1 - y0))
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking(n),
+                    referenced_region=region,
+                    finding_type=_code(b.label),
+                    algorithm_id=algorithm,
+                    measurements=[
+                        *confidence(b.score),
+                        hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 1), unit=pixels_unit),
+                    ],
+                )
+            )
+    elif r is not None and r.label is not None and seg is not None:
+        area = int(_frame_mask(cap).sum())  # type: ignore[union-attr]
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(1),
+                # built directly: highdicom's from_segmentation misses a segment identified in the shared
+                # functional groups (what it writes itself for one segment)
+                referenced_segment=hd.sr.ReferencedSegmentationFrame(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    frame_number=1,
+                    segment_number=1,
+                    source_image=hd.sr.SourceImageForSegmentation.from_source_image(source),
+                ),
+                finding_type=_code(r.label),
+                algorithm_id=algorithm,
+                measurements=[
+                    *confidence(r.confidence),
+                    hd.sr.Measurement(name=codes.SCT.Area, value=float(area), unit=pixels_unit),
+                ],
+            )
+        )
+    elif r is not None and r.label is not None:
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(1),
+                finding_type=_code(r.label),
+                algorithm_id=algorithm,
+                measurements=confidence(r.confidence),
+                source_images=[image_ref],
+            )
+        )
+    else:  # no finding above the threshold: say so, for the same image
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(1),
+                algorithm_id=algorithm,
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        name=codes.DCM.Finding, value=codes.DCM.AllAlgorithmsSucceededWithoutFindings
+                    )
+                ],
+                source_images=[image_ref],
+            )
+        )
+    procedure = codes.SCT.Ultrasonography if cap.modality == "US" else codes.SCT.ImagingProcedure
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure,
+        imaging_measurements=groups,
+    )
+    evidence = [source] + ([seg] if seg is not None else [])
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=_uid(eq, cap.study.study_uid, "sr", "series"),
+        series_number=SERIES["sr"],
+        sop_instance_uid=_uid(eq, cap.id, "sr"),
+        instance_number=_instance_number(cap.id),
+        manufacturer=eq.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SERIES_DESCRIPTION["sr"],
+        contributing_equipment=[_ai_equipment(cap, eq)],
+    )
+    sr.SpecificCharacterSet = "ISO_IR 192"
+    _drop_segment_numbers_beside_frames(sr)
+    return sr
+
+
+def _drop_segment_numbers_beside_frames(ds: Any) -> None:
+    """PS3.3 C.10.5: Referenced Segment Number shall not be present with Referenced Frame Number.
+
+    highdicom writes both in a TID 1410 reference to a Segmentation frame; the frame identifies the segment.
+    """
+    for item in ds.get("ContentSequence", []):
+        for ref in item.get("ReferencedSOPSequence", []):
+            if "ReferencedFrameNumber" in ref and "ReferencedSegmentNumber" in ref:
+                del ref.ReferencedSegmentNumber
+        _drop_segment_numbers_beside_frames(item)
+
+
+def build_instances(cap: Capture, eq: Equipment, include_ai: bool = True) -> dict[str, Any]:
+    """role -> dataset for one capture: source, and (``include_ai``) overlay, seg (if a mask), sr."""
+    with warnings.catch_warnings():
+        # highdicom's advice on single-component person names in source data: not ours to change
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        return _build_instances(cap, eq, include_ai)
+
+
+def _build_instances(cap: Capture, eq: Equipment, include_ai: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"source": source_image(cap, eq)}
+    if not include_ai:
+        return out
+    src = out["source"]
+    out["overlay"] = overlay_image(cap, eq, src)
+    seg = segmentation(cap, eq, src)
+    if seg is not None:
+        out["seg"] = seg
+    out["sr"] = structured_report(cap, eq, src, seg)
+    return out
+
+
+# -- the File-set -------------------------------------------------------------------------------------------------
+def check_target(out_dir: str | os.PathLike[str]) -> Path:
+    """Create ``out_dir`` if its parent exists and prove it is writable; ExportTargetError otherwise."""
+    out = Path(out_dir)
+    if not out.parent.is_dir():
+        raise ExportTargetError(
+            f"{out}: export target's folder {out.parent} does not exist (stick not mounted?)"
+        )
+    if out.exists() and not out.is_dir():
+        raise ExportTargetError(f"{out}: is a file, not a folder")
+    try:
+        out.mkdir(exist_ok=True)
+        probe = out / f".fwapp-probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ExportTargetError(
+            f"{out}: export target not writable ({why}); is the stick write-protected or full?"
+        ) from None
+    return out
+
+
+def _open_fileset(out: Path, staging: Path) -> tuple[Any, bool]:
+    """The File-set at ``out`` (existing DICOMDIR loaded, else a new one), staging on the target itself."""
+    from pydicom.fileset import FileSet
+
+    dicomdir = out / "DICOMDIR"
+    if dicomdir.exists():
+        try:
+            fs = FileSet(dicomdir)
+        except Exception as exc:  # noqa: BLE001 - someone else's broken DICOMDIR
+            raise ExportTargetError(
+                f"{dicomdir}: existing DICOMDIR unreadable ({exc}); use an empty folder"
+            ) from None
+        if fs.ID != FILESET_ID:
+            # adding would make pydicom rename the other File-set's files: never touch them
+            raise ExportTargetError(
+                f"{dicomdir}: holds another DICOM File-set ({fs.ID or 'no ID'}); export to an empty folder"
+            )
+        existing = True
+    else:
+        fs = FileSet()
+        fs.ID = FILESET_ID
+        existing = False
+    # pydicom stages added instances in a system temp folder; keep patient images off the device's disk
+    stage = getattr(fs, "_stage", None)
+    if isinstance(stage, dict) and "t" in stage and "path" in stage:
+        stage["t"].cleanup()
+        stage["t"] = tempfile.TemporaryDirectory(dir=staging)
+        stage["path"] = Path(stage["t"].name)
+    else:
+        log.warning("pydicom File-set staging not redirected: instances are staged in the system temp folder")
+    return fs, existing
+
+
+def _trim_sr_record(instance: Any) -> None:
+    """Keep only the root's HAS CONCEPT MOD items in an SR DOCUMENT record (PS3.3 F.5.24).
+
+    pydicom copies the whole content tree into the DICOMDIR record, which is not what the standard asks.
+    """
+    record = getattr(getattr(instance, "node", None), "_record", None)
+    if record is None or "ContentSequence" not in record:
+        return
+    from pydicom.dataset import Dataset
+
+    keep = [item for item in record.ContentSequence if item.get("RelationshipType") == "HAS CONCEPT MOD"]
+    copy = Dataset()
+    for elem in record:
+        if elem.keyword != "ContentSequence":
+            copy.add(elem)
+    if keep:
+        copy.ContentSequence = keep
+    for elem in list(record):
+        del record[elem.tag]
+    for elem in copy:
+        record.add(elem)
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    dirs = set()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.add(p.parent)
+    for d in dirs:
+        fsync_dir(d)
+
+
+def _finding(cap: Capture) -> str:
+    r = cap.result
+    if r is None:
+        return "no result"
+    if r.label is None:
+        return "no finding"
+    conf = "" if r.confidence is None else f" {r.confidence * 100:.0f}%"
+    return f"{r.label}{conf}{' ALERT' if r.alert else ''}"
+
+
+def _export(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    kind: str,
+    deidentify: bool,
+    ids: list[str] | None,
+    include_exported: bool,
+    include_silent_results: bool,
+    audit: Any,
+    before_mark: Callable[[list[ExportedCapture]], None] | None = None,
+) -> ExportReport:
+    out = check_target(out_dir)
+    store = CaptureStore(data_dir)
+    wanted = None if ids is None else set(ids)
+    infos: list[CaptureInfo] = (
+        [i for i in store.list(kind) if wanted is None or i.id in wanted]
+        if include_exported
+        else captures_of(store, ids, kind)
+    )
+    eq = Equipment.of(data_dir)
+    deid = Deidentifier(device_secret(data_dir, "deidentify")) if deidentify else None
+    export_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    report = ExportReport(out, export_id, deidentify)
+    try:
+        for start in range(0, len(infos), BATCH):
+            _export_batch(
+                store,
+                out,
+                infos[start : start + BATCH],
+                kind,
+                eq,
+                deid,
+                include_silent_results,
+                report,
+                before_mark,
+            )
+    finally:
+        audit_append(
+            audit,
+            data_dir,
+            "export" if kind == "capture" else "feedback_export",
+            export=export_id,
+            exported=len(report.exported),
+            failed=len(report.failed),
+            deidentified=deidentify,
+            captures=[e.capture_id for e in report.exported][:64],
+        )
+        for cid, why in report.failed:
+            log.error("capture %s not exported: %s", cid, why)
+    return report
+
+
+def _export_batch(
+    store: CaptureStore,
+    out: Path,
+    infos: list[CaptureInfo],
+    kind: str,
+    eq: Equipment,
+    deid: Deidentifier | None,
+    include_silent_results: bool,
+    report: ExportReport,
+    before_mark: Callable[[list[ExportedCapture]], None] | None,
+) -> None:
+    """Convert, write and mark one batch (bounded memory and staging space; progress kept batch by batch)."""
+    staging = Path(tempfile.mkdtemp(prefix=".fwapp-staging-", dir=out))
+    try:
+        fs, existing = _open_fileset(out, staging)
+        staged: list[tuple[str, dict[str, str], str]] = []  # capture id, role -> SOP Instance UID, finding
+        for info in infos:
+            try:
+                cap = store.load(info.id)
+                include_ai = include_silent_results or not cap.silent_trial
+                instances = build_instances(cap, eq, include_ai=include_ai)
+                if deid is not None:
+                    # highdicom shares elements between the objects it derives: de-identify copies
+                    instances = {role: copy.deepcopy(ds) for role, ds in instances.items()}
+                    for ds in instances.values():
+                        deid.apply(ds)
+                for ds in instances.values():
+                    _trim_sr_record(fs.add(ds))  # staged to a file: the dataset is not kept
+                staged.append(
+                    (info.id, {r: str(d.SOPInstanceUID) for r, d in instances.items()}, _finding(cap))
+                )
+            except RecordsError as exc:
+                report.failed.append((info.id, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one capture that cannot be converted must not stop the rest
+                log.exception("capture %s: DICOM conversion failed", info.id)
+                report.failed.append((info.id, f"DICOM conversion failed: {type(exc).__name__}: {exc}"))
+        if not staged:
+            return
+        try:
+            if existing:
+                fs.write()  # our own File-set: pydicom keeps the existing File IDs
+            else:
+                fs.write(out)
+        except OSError as exc:
+            raise ExportTargetError(
+                f"{out}: writing the File-set failed ({exc.strerror or exc}); this batch was not marked exported"
+            ) from None
+        done: list[ExportedCapture] = []
+        written: list[Path] = []
+        for cid, uids, finding in staged:
+            files = []
+            for role, uid in uids.items():
+                found = fs.find(SOPInstanceUID=uid)
+                if not found:
+                    raise ExportFailed(f"capture {cid}: {role} missing from the written File-set")
+                files.append(str(found[0].FileID))
+                written.append(Path(found[0].path))
+            done.append(ExportedCapture(cid, files, uids, finding))
+        report.dicomdir = out / "DICOMDIR"
+        _fsync_files([*written, report.dicomdir])
+        if before_mark is not None:
+            before_mark(done)
+        for item in done:
+            store.mark_exported(item.capture_id, kind, report.export_id, report.deidentified)
+        report.exported.extend(done)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_fileset(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    deidentify: bool = False,
+    *,
+    ids: list[str] | None = None,
+    include_exported: bool = False,
+    include_silent_results: bool = False,
+    audit: Any = None,
+) -> ExportReport:
+    """Export captures (not yet exported, or ``ids``) into a DICOM File-set with DICOMDIR at ``out_dir``.
+
+    An existing File-set there is added to. Raises ExportTargetError when ``out_dir`` cannot be written.
+    """
+    return _export(
+        data_dir, out_dir, "capture", deidentify, ids, include_exported, include_silent_results, audit
+    )
+
+
+def export_feedback(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    ids: list[str] | None = None,
+    include_exported: bool = False,
+    audit: Any = None,
+) -> ExportReport:
+    """Export the cases marked "disagree", de-identified, for retraining.
+
+    ``out_dir/DICOM/``: a File-set (source image, AI overlay, AI SEG, AI SR per case);
+    ``out_dir/cases/<pseudonym>.json``: one sidecar per case (format below) with the AI result, the
+    clinician's mark and the File IDs of the case's DICOM files. No identifiers: the case pseudonym is a
+    keyed hash of the case id, the time is only the de-identified (shifted) date.
+
+    Sidecar: ``{"format": "firmware-app-feedback/1", "case": str, "model": {"id", "version",
+    "bundle_sha256", "task", "labels"}, "ai": {"label", "confidence", "alert", "probabilities", "boxes",
+    "centroid", "area_fraction"}, "clinician": {"verdict", "expected_label", "reason"}, "dicom": {"root":
+    "DICOM", "source": FileID, "overlay": FileID, "seg": FileID?, "sr": FileID}, "image": {"rows",
+    "columns", "modality"}}``.
+    """
+    out = check_target(out_dir)
+    cases = out / "cases"
+    deid = Deidentifier(device_secret(data_dir, "deidentify"))
+
+    store = CaptureStore(data_dir)
+
+    def write_sidecars(done: list[ExportedCapture]) -> None:
+        try:
+            cases.mkdir(exist_ok=True)
+            paths = []
+            for item in done:
+                sidecar = feedback_sidecar(store.load(item.capture_id), item, deid)
+                path = cases / f"{sidecar['case']}.json"
+                path.write_text(json.dumps(sidecar, indent=2) + "\n")
+                paths.append(path)
+            _fsync_files(paths)
+        except OSError as exc:
+            raise ExportTargetError(
+                f"{cases}: writing the case files failed ({exc.strerror or exc}); nothing was marked exported"
+            ) from None
+
+    return _export(
+        data_dir, out / "DICOM", "disagree", True, ids, include_exported, True, audit, write_sidecars
+    )
+
+
+def feedback_sidecar(cap: Capture, item: ExportedCapture, deid: Deidentifier) -> dict[str, Any]:
+    """The JSON sidecar of one feedback case (see ``export_feedback``); no identifiers."""
+    from firmware_app.records.captures import result_json
+
+    m = cap.model
+    ai: dict[str, Any] = {}
+    if cap.result is not None:
+        ai = result_json(cap.result)
+        ai.pop("frame_id", None)
+    mark = cap.mark
+    return {
+        "format": "firmware-app-feedback/1",
+        "case": deid.case_pseudonym(cap.id),
+        "model": None if m is None else {k: v for k, v in m.to_json().items() if k != "intended_use"},
+        "ai": ai,
+        "clinician": None
+        if mark is None
+        else {"verdict": mark.verdict, "expected_label": mark.expected_label, "reason": mark.reason},
+        "dicom": {"root": "DICOM", **dict(zip(item.uids.keys(), item.files))},
+        "image": {
+            "rows": int(cap.pixels.shape[0]),
+            "columns": int(cap.pixels.shape[1]),
+            "modality": cap.modality,
+        },
+    }

@@ -115,6 +115,41 @@ def check_devices(name: str, patterns: list[str], hint: str) -> Check:
     return Check(name, OK, ", ".join(found))
 
 
+SERIAL_PORTS = ["/dev/ttyUSB*", "/dev/ttyACM*", "/dev/ttyAMA*", "/dev/serial0"]
+
+
+def check_gpio(configured: bool) -> Check:
+    chips = check_devices("gpio", ["/dev/gpiochip*"], "no /dev/gpiochip*")
+    if not configured:
+        return Check(
+            "gpio", OK if chips.status == OK else MISSING, f"not used by this board ({chips.detail})"
+        )
+    if _version("gpiozero") is None:
+        return Check(
+            "gpio", FAULT, "board has [gpio] but gpiozero is missing: pip install 'firmware-app[gpio]'"
+        )
+    if chips.status != OK:
+        return Check("gpio", FAULT, f"board has [gpio] but {chips.detail}: buttons and lights will not work")
+    return chips
+
+
+def check_serial(port: str | None) -> Check:
+    if port is None:
+        found = check_devices("serial", SERIAL_PORTS, "none")
+        return Check(
+            "serial", OK if found.status == OK else MISSING, f"not used by this board ({found.detail})"
+        )
+    if _version("pyserial") is None:
+        return Check(
+            "serial", FAULT, "board has [serial] but pyserial is missing: pip install 'firmware-app[serial]'"
+        )
+    if not Path(port).exists():
+        return Check("serial", MISSING, f"{port} not found (the daemon keeps retrying it)")
+    if not os.access(port, os.R_OK | os.W_OK):
+        return Check("serial", FAULT, f"{port} is not accessible: add the user to 'dialout'")
+    return Check("serial", OK, port)
+
+
 def check_space(data_dir: str) -> Check:
     path = Path(data_dir)
     probe = path if path.exists() else path.parent
@@ -152,14 +187,8 @@ def run_checks(board_ref: str | None, data_dir: str) -> list[Check]:
     checks.append(check_tensorrt())
     checks.append(check_display(board.display["uri"]))
     checks.append(check_devices("capture", ["/dev/video*"], "no /dev/video* (plug in the video grabber)"))
-    checks.append(
-        check_devices("gpio", ["/dev/gpiochip*"], "no /dev/gpiochip* (buttons and lights unavailable)")
-    )
-    checks.append(
-        check_devices(
-            "serial", ["/dev/ttyUSB*", "/dev/ttyACM*", "/dev/ttyAMA*", "/dev/serial0"], "no serial port"
-        )
-    )
+    checks.append(check_gpio(board.gpio is not None))
+    checks.append(check_serial(board.serial.port if board.serial is not None else None))
     checks.append(check_space(data_dir))
     checks.append(check_clock())
     try:

@@ -25,13 +25,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from firmware_app.backends import BackendChoice, make_backend
 from firmware_app.config import BoardConfig
 from firmware_app.display.screen import Screen, ScreenState
 from firmware_app.display.sinks import Display, open_display
-from firmware_app.errors import BadFrame, SourceUnavailable
+from firmware_app.errors import BadDisplay, BadFrame, SourceUnavailable
 from firmware_app.models.store import ModelRef
 from firmware_app.preprocess import Preprocessor
 from firmware_app.sources import open_source
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 _END = object()  # end of stream marker passed down the slots
 MESSAGE_SECONDS = 15.0
 NO_SIGNAL_REFRESH_S = 0.5
-HEARTBEAT_S = 0.5  # the inference loop wakes at least this often, frames or not
+HEARTBEAT_S = 0.5
+CPU_BACKEND = "litert-cpu"
+ACCEL_RETRY_S = 5.0  # how often a failed accelerator is tried again  # the inference loop wakes at least this often, frames or not
 
 
 class Slot:
@@ -97,6 +100,7 @@ class Counters:
     frames_in: int = 0
     frames_inferred: int = 0
     frames_shown: int = 0
+    frames_rejected: int = 0  # unreadable or malformed input items, skipped
     errors: int = 0
     dice_sum: float = 0.0
     dice_n: int = 0
@@ -153,6 +157,7 @@ class Pipeline:
         self.silent_trial = False  # results are computed and recorded, the screen shows only the image
         self.input_warning: str | None = None  # set by the drift monitor
         self._pending_model: tuple | None = None
+        self._retry_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._shown_rate = RateMeter()
         self.t_start_ns = time.monotonic_ns()
@@ -202,8 +207,10 @@ class Pipeline:
         if pending is None:
             return
         old = self.choice.backend
+        same_model = pending[0].manifest.id == self.model.manifest.id
         self.model, self.choice, self.preprocess, self.postprocess = pending
-        self.threshold = self.model.manifest.alert
+        m = self.model.manifest
+        self.threshold = m.clamp_threshold(self.threshold) if same_model else m.alert
         old.close()
 
     def status(self) -> dict[str, Any]:
@@ -306,6 +313,7 @@ class Pipeline:
                 self.notify(f"Skipped {exc}")
                 with self._lock:
                     self.counters.errors += 1
+                    self.counters.frames_rejected += 1
                 continue
             if frame is None:
                 break
@@ -326,7 +334,14 @@ class Pipeline:
         t0 = time.monotonic_ns()
         tensor = self.preprocess(frame.pixels)
         t1 = time.monotonic_ns()
-        raw = self.choice.backend.invoke(tensor)
+        try:
+            raw = self.choice.backend.invoke(tensor)
+        except Exception as exc:  # noqa: BLE001 - an accelerator pulled out mid-run
+            if self.choice.backend.name == CPU_BACKEND:
+                raise
+            self._fall_back_to_cpu(exc)
+            tensor = self.preprocess(frame.pixels)
+            raw = self.choice.backend.invoke(tensor)  # the same frame, on the CPU
         t2 = time.monotonic_ns()
         result = self.postprocess(raw, frame.id, (frame.width, frame.height), self.threshold)
         t3 = time.monotonic_ns()
@@ -335,6 +350,51 @@ class Pipeline:
         self.times.add_ns("invoke", t1, t2)
         self.times.add_ns("postprocess", t2, t3)
         return result
+
+    def _fall_back_to_cpu(self, exc: Exception) -> None:
+        """The accelerator failed mid-run: continue on the CPU now, retry the accelerator in the background."""
+        from firmware_app.backends.litert import LiteRTBackend
+
+        failed = self.choice.backend
+        notice = f"CPU FALLBACK: {failed.name} failed mid-run ({exc}); retrying every {ACCEL_RETRY_S:g} s"
+        log.error("%s", notice)
+        cpu = LiteRTBackend(self.model.tflite, threads=failed.threads)
+        self.choice = BackendChoice(cpu, [notice])
+        self.preprocess = Preprocessor(self.model.manifest, cpu.input)
+        self.postprocess = make_postprocessor(self.model.manifest, cpu.outputs)
+        self.notify(notice)
+        with self._lock:
+            self.counters.errors += 1
+        try:
+            failed.close()
+        except Exception:  # noqa: BLE001 - it is already broken
+            pass
+        if self._retry_thread is None or not self._retry_thread.is_alive():
+            self._retry_thread = threading.Thread(
+                target=self._retry_accelerator, args=(failed.name,), name="fwapp-accel-retry", daemon=True
+            )
+            self._retry_thread.start()
+
+    def _retry_accelerator(self, name: str) -> None:
+        """Until stopped: try to reopen the accelerator; when it works, swap it in between two frames."""
+        while not self._stop.wait(ACCEL_RETRY_S):
+            if self.choice.backend.name != CPU_BACKEND:
+                return
+            model = self.model
+            try:
+                choice = make_backend(
+                    model, [name], self.choice.backend.threads, accelerator=self.accelerator
+                )
+            except Exception as exc:  # noqa: BLE001
+                log.info("%s still unavailable: %s", name, exc)
+                continue
+            pre = Preprocessor(model.manifest, choice.backend.input)
+            post = make_postprocessor(model.manifest, choice.backend.outputs)
+            with self._lock:
+                self._pending_model = (model, choice, pre, post)
+            self.notify(f"{name} is back: running on it again")
+            log.warning("%s is back", name)
+            return
 
     def _inference_loop(self) -> None:
         max_frames = self.options.max_frames
@@ -416,11 +476,14 @@ class Pipeline:
         t0 = time.monotonic_ns()
         canvas = self.screen.render(state)
         t1 = time.monotonic_ns()
-        for d in self.displays:
+        for d in list(self.displays):
             try:
                 d.show(canvas)
             except Exception as exc:  # noqa: BLE001 - a broken display must not stop inference
-                log.error("display %s failed: %s", type(d).__name__, exc)
+                self.displays.remove(d)
+                msg = f"Display {d.uri} failed ({exc}); it is no longer used"
+                log.error("%s", msg)
+                self.notify(msg)
                 with self._lock:
                     self.counters.errors += 1
         t2 = time.monotonic_ns()
@@ -505,6 +568,7 @@ class Pipeline:
             "frames_dropped": self._raw.dropped,
             # inferred, then superseded by a newer result before the screen's next refresh
             "results_not_shown": self._results.dropped + self._superseded,
+            "frames_rejected": c.frames_rejected,
             "mismatched_overlays": self.screen.mismatched_overlays,
             "errors": c.errors,
             "stages_ms": self.times.summary(),
@@ -544,7 +608,16 @@ def build_pipeline(
     fps = float(board.display["fps"])
     uris = display_uris or [board.display["uri"]]
     # a framebuffer dictates the screen size; every other display takes it from there
-    displays = [open_display(u, size=size, fps=fps) for u in uris if u.startswith("fb:")]
+    displays, notices = [], []
+    for uri in (u for u in uris if u.startswith("fb:")):
+        try:
+            displays.append(open_display(uri, size=size, fps=fps))
+        except BadDisplay as exc:
+            if Path(uri[3:]).exists():
+                raise
+            # the screen is unplugged or absent: keep running headless (captures, serial, alerts go on)
+            notices.append(f"Display {uri} missing ({exc}); running headless")
+            log.error("%s", notices[-1])
     if displays:
         size = displays[0].size
     displays += [open_display(u, size=size, fps=fps) for u in uris if not u.startswith("fb:")]
@@ -556,7 +629,7 @@ def build_pipeline(
         stats_window=int(p["stats_window"]),
         display_fps=fps,
     )
-    return Pipeline(
+    pipeline = Pipeline(
         source,
         model,
         choice,
@@ -566,3 +639,6 @@ def build_pipeline(
         backend_order=list(board.backend["order"]),
         accelerator=accelerator,
     )
+    for notice in notices:
+        pipeline.notify(notice)
+    return pipeline

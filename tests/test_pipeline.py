@@ -262,3 +262,111 @@ def test_hung_model_stops_the_heartbeat(float_model_dir):
     time.sleep(1.0)
     assert len(beats) == n  # stuck in invoke: no beats, so systemd's watchdog would restart the service
     p.stop()
+
+
+class UnpluggedAccelerator(Backend):
+    """An Edge TPU that works for ``n_ok`` invokes and then fails, as a USB accelerator knocked loose does."""
+
+    def __init__(self, inner: Backend, n_ok: int) -> None:
+        self.inner, self.n_ok, self.calls = inner, n_ok, 0
+        self.name, self.threads = "edgetpu", inner.threads
+        self.input, self.outputs = inner.input, inner.outputs
+
+    def invoke(self, tensor):
+        self.calls += 1
+        if self.calls > self.n_ok:
+            raise RuntimeError("Failed to invoke: USB transfer error")
+        return self.inner.invoke(tensor)
+
+
+def test_accelerator_failing_mid_run_falls_back_to_cpu_then_returns(float_model_dir, monkeypatch):
+    import firmware_app.pipeline as pipeline_mod
+    from firmware_app.backends.edgetpu import MockEdgeTpu
+
+    monkeypatch.setattr(pipeline_mod, "ACCEL_RETRY_S", 0.3)
+    (float_model_dir / "model_edgetpu.tflite").write_bytes((float_model_dir / "model.tflite").read_bytes())
+    model = find_model(str(float_model_dir))
+    accel = UnpluggedAccelerator(LiteRTBackend(model.tflite, threads=1), n_ok=3)
+    p = Pipeline(
+        open_source("synthetic:ultrasound?fps=30&width=160&height=120"),
+        model,
+        BackendChoice(accel),
+        RecordingScreen(320, 240),
+        [open_display("null", size=(320, 240))],
+        PipelineOptions(),
+        backend_order=["edgetpu", "cpu"],
+        accelerator=MockEdgeTpu(present=False),  # still unplugged when first retried
+    )
+    p.start()
+    try:
+        assert wait_for(lambda: p.choice.backend.name == "litert-cpu", timeout=3)
+        t_fail = time.monotonic()
+        assert wait_for(
+            lambda: any(s.fallback_notice and s.backend == "litert-cpu" for s in p.screen.states), 1.0
+        )
+        assert time.monotonic() - t_fail < 1.0  # the banner is up within a second
+        n = p.counters.frames_inferred
+        assert wait_for(lambda: p.counters.frames_inferred > n + 3)  # inference goes on, on the CPU
+        p.accelerator = MockEdgeTpu(present=True)  # plugged back in
+        assert wait_for(lambda: p.choice.backend.name == "edgetpu", timeout=3)
+        assert wait_for(lambda: p.screen.states[-1].fallback_notice is None)
+    finally:
+        p.close()
+    assert p.stats()["mismatched_overlays"] == 0
+
+
+def test_missing_framebuffer_keeps_running_headless(float_model_dir, tmp_path):
+    board = load_board("x86-dev")
+    p = build_pipeline(
+        board, find_model(str(float_model_dir)), "synthetic:ultrasound?fps=0", ["fb:/dev/fb7"], max_frames=3
+    )
+    stats = p.run()
+    assert stats["frames_inferred"] == 3
+    assert any("fb:/dev/fb7 missing" in m and "headless" in m for m in p.messages())
+
+
+class BrokenDisplay:
+    uri, scheme, size = "fb:/dev/fb0", "fb", (320, 240)
+
+    def open(self):
+        pass
+
+    def show(self, canvas):
+        raise OSError(5, "Input/output error")
+
+    def close(self):
+        pass
+
+
+def test_display_failing_mid_run_is_dropped_and_inference_continues(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?fps=0&width=160&height=120", max_frames=6)
+    p.displays.append(BrokenDisplay())
+    stats = p.run()
+    assert stats["frames_inferred"] == 6 and stats["errors"] == 1  # logged once, then headless on that one
+    assert any("Display fb:/dev/fb0 failed" in m for m in p.messages())
+
+
+def test_malformed_frames_are_skipped_and_counted(float_model_dir, tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((60, 80), 100, np.uint8))
+    cv2.imwrite(str(tmp_path / "b.png"), np.full((8, 8), 100, np.uint8))  # too small to be a frame
+    cv2.imwrite(str(tmp_path / "c.png"), np.full((60, 80), 50, np.uint8))
+    p = make(float_model_dir, f"images:{tmp_path}")
+    stats = p.run()
+    assert stats["frames_inferred"] == 2 and stats["frames_rejected"] == 1
+    assert any("b.png" in m or "frame skipped" in m for m in p.messages())
+
+
+def test_frame_of_another_size_than_the_crop_is_skipped(float_model_dir):
+    from firmware_app.sources.profile import SourceProfile
+
+    cap = MockCapture(160, 120)
+    src = V4l2Source("v4l2:0", cap, profile=SourceProfile(crop_rect=(10, 10, 100, 80)))
+    p = make(float_model_dir, src, max_frames=2)
+    p.start()
+    assert wait_for(lambda: p.counters.frames_inferred >= 1)
+    cap.width, cap.height = 64, 48  # the scanner switched its video mode
+    assert wait_for(lambda: p.counters.frames_rejected >= 2)
+    cap.width, cap.height = 160, 120
+    assert p.wait(5)
+    p.close()
+    assert p.stats()["frames_inferred"] == 2

@@ -8,7 +8,10 @@ chain then falls back to the CPU and says so on screen.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+import sys
 
 from firmware_app.backends.litert import LiteRTBackend, litert_module
 from firmware_app.errors import BackendUnavailable
@@ -20,6 +23,25 @@ EDGETPU_LIB = "libedgetpu.so.1"
 EDGETPU_MODEL = "model_edgetpu.tflite"
 
 
+@contextlib.contextmanager
+def _quiet_failed_delegate():
+    """LiteRT's Delegate.__del__ raises AttributeError ("Exception ignored ...") on stderr after a failed
+    load; the failure itself is reported as BackendUnavailable, so that noise is dropped."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, AttributeError) and "Delegate" in repr(unraisable.object):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
 class EdgeTpu:
     """The real accelerator: USB (``usb``, ``usb:0``) or PCIe/M.2 (``pci:0``); None = first found."""
 
@@ -29,14 +51,17 @@ class EdgeTpu:
 
     def delegates(self) -> list:
         options = {"device": self.device} if self.device else {}
-        try:
-            return [litert_module().load_delegate(self.library, options)]
-        except (ValueError, OSError, RuntimeError) as exc:
-            where = f" device {self.device!r}" if self.device else ""
-            raise BackendUnavailable(
-                f"Edge TPU{where} not found: {self.library} could not be loaded ({exc}); install "
-                f"libedgetpu1-std and check the accelerator is plugged in"
-            ) from None
+        problem = ""
+        with _quiet_failed_delegate():
+            try:
+                return [litert_module().load_delegate(self.library, options)]
+            except (ValueError, OSError, RuntimeError) as exc:
+                problem = str(exc)  # the half-made Delegate is freed with exc, inside the quiet block
+        where = f" device {self.device!r}" if self.device else ""
+        raise BackendUnavailable(
+            f"Edge TPU{where} not found: {self.library} could not be loaded ({problem}); install "
+            f"libedgetpu1-std and check the accelerator is plugged in"
+        )
 
 
 class MockEdgeTpu:

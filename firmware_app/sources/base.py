@@ -19,8 +19,24 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from firmware_app.errors import BadFrame, BadSource
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.types import Frame
+
+MIN_SIDE = 16
+
+
+def check_pixels(pixels: object, where: str) -> None:
+    """A frame must be uint8 HxW or HxWx3, at least MIN_SIDE on each side; else BadFrame naming it."""
+    if not isinstance(pixels, np.ndarray):
+        raise BadFrame(f"{where}: frame skipped: not an image array ({type(pixels).__name__})")
+    shape = pixels.shape
+    ok_shape = pixels.ndim == 2 or (pixels.ndim == 3 and shape[2] == 3)
+    if pixels.dtype != np.uint8 or not ok_shape or min(shape[:2]) < MIN_SIDE:
+        raise BadFrame(
+            f"{where}: frame skipped: {pixels.dtype} {'x'.join(map(str, shape))} is not an 8-bit gray or "
+            f"3-channel image of at least {MIN_SIDE}x{MIN_SIDE}"
+        )
 
 
 class Source:
@@ -80,8 +96,12 @@ class Source:
     ) -> Frame:
         """Apply the source profile (crop, blackout) and stamp the next id and the capture time."""
         t = time.monotonic_ns() if t_capture_ns is None else t_capture_ns
+        check_pixels(pixels, self.uri)
         full_shape = pixels.shape
-        pixels = self.profile.apply(pixels)
+        try:
+            pixels = self.profile.apply(pixels)
+        except ValueError as exc:  # a frame of another size than the profile was measured on
+            raise BadFrame(f"{self.uri}: frame skipped: {exc}") from None
         if truth is not None:
             truth = self.profile.crop(truth)
         if truth_boxes is not None and self.profile.crop_rect is not None:
@@ -104,8 +124,6 @@ class Source:
 
 def int_param(uri: str, params: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     """Read an integer query parameter of a source URI, or raise BadSource naming it."""
-    from firmware_app.errors import BadSource
-
     if name not in params:
         return default
     try:
@@ -119,8 +137,6 @@ def int_param(uri: str, params: dict[str, str], name: str, default: int, minimum
 
 def float_param(uri: str, params: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     """Read a number query parameter of a source URI, or raise BadSource naming it."""
-    from firmware_app.errors import BadSource
-
     if name not in params:
         return default
     try:

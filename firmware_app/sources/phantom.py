@@ -239,7 +239,9 @@ class UltrasoundPhantom:
         for edge in (fat_end, muscle_end):
             layers += rng.uniform(5.0, 10.0) * np.exp(-(((zz - edge) / 0.006) ** 2))
         in_muscle = (zz > fat_end) & (zz < muscle_end)
-        stri = np.sin(2.0 * math.pi * zz / rng.uniform(0.008, 0.015) + 3.0 * lat[None, :] * rng.uniform(-1, 1))
+        stri = np.sin(
+            2.0 * math.pi * zz / rng.uniform(0.008, 0.015) + 3.0 * lat[None, :] * rng.uniform(-1, 1)
+        )
         layers += in_muscle * (rng.uniform(-4.0, -2.0) + 2.5 * stri)
 
         # 0-2 rib shadows: a bright arc and a partial shadow below it along the beams
@@ -561,9 +563,7 @@ class XrayPhantom:
                 if len(cand) == 0:
                     break
                 cy, cx = cand[int(rng.integers(len(cand)))]
-                if all(
-                    math.hypot(cx - b.cx, cy - b.cy) > (r + max(b.a, b.b)) * 1.4 + 4.0 for b, _ in placed
-                ):
+                if all(math.hypot(cx - b.cx, cy - b.cy) > (r + max(b.a, b.b)) * 1.4 + 4.0 for b, _ in placed):
                     bl = _random_blob(rng, float(cx), float(cy), r, r * rng.uniform(0.75, 1.0), 0.12)
                     placed.append((bl, float(rng.uniform(18.0, 60.0))))  # contrast, grey levels
                     break
@@ -595,7 +595,14 @@ class XrayPhantom:
                 continue
             mask[y0:y1, x0:x1] |= inside.view(np.uint8)
             rows, cols = np.nonzero(inside)
-            boxes.append((x0 + int(cols.min()), y0 + int(rows.min()), x0 + int(cols.max()) + 1, y0 + int(rows.max()) + 1))
+            boxes.append(
+                (
+                    x0 + int(cols.min()),
+                    y0 + int(rows.min()),
+                    x0 + int(cols.max()) + 1,
+                    y0 + int(rows.max()) + 1,
+                )
+            )
         oy, ox = (t * 37 + 11) % 64, (t * 53 + 29) % 64
         img += self._noise[oy : oy + H, ox : ox + W]
         image = cv2.addWeighted(img, 1.0, img, 0.0, 0.0, dtype=cv2.CV_8U)

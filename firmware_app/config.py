@@ -110,8 +110,8 @@ def parse_board(data: dict[str, Any], where: str, path: Path | None = None) -> B
     sections = {s: _check(top[s], s, where) for s in ("source", "model", "backend", "display", "pipeline")}
     b = sections["backend"]
     for item in b["order"]:
-        if item not in ("cpu", "edgetpu"):
-            raise BadConfig(f"{where}: [backend] order: unknown backend {item!r}; use cpu, edgetpu")
+        if item not in ("cpu", "edgetpu", "tensorrt"):
+            raise BadConfig(f"{where}: [backend] order: unknown backend {item!r}; use tensorrt, edgetpu, cpu")
     if not b["order"]:
         raise BadConfig(f"{where}: [backend] order must name at least one backend")
     if not 1 <= b["threads"] <= 64:

@@ -78,7 +78,13 @@ class Daemon:
                 boot_messages = [f"Update boot check failed: {exc}"]
         model = find_model(model_ref or board.model["id"], self.data_dir)
         self.pipeline: Pipeline = build_pipeline(
-            board, model, source_uri, display_uris, max_frames, accelerator=accelerator
+            board,
+            model,
+            source_uri,
+            display_uris,
+            max_frames,
+            accelerator=accelerator,
+            engine_cache=str(self.data_dir / "engines") if problem is None else None,
         )
         p = self.pipeline
         for message in boot_messages:

@@ -594,6 +594,7 @@ def build_pipeline(
     display_uris: list[str] | None = None,
     max_frames: int | None = None,
     accelerator: Any = None,
+    engine_cache: str | None = None,
 ) -> Pipeline:
     """source -> preprocess -> backend -> task -> screen -> displays, from a board config."""
     source = open_source(source_uri or board.source["uri"], board.profile, board.source)
@@ -603,6 +604,7 @@ def build_pipeline(
         threads=board.backend["threads"],
         edgetpu_device=board.backend["edgetpu_device"] or None,
         accelerator=accelerator,
+        engine_cache=engine_cache,
     )
     size = (board.display["width"], board.display["height"])
     fps = float(board.display["fps"])

@@ -8,6 +8,8 @@ hidden. Every backend reads quantization from the tensors and never assumes it.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 from firmware_app.backends.base import Backend, TensorSpec
@@ -16,7 +18,7 @@ from firmware_app.models.store import ModelRef
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("edgetpu", "cpu")
+BACKENDS = ("tensorrt", "edgetpu", "cpu")
 
 
 @dataclass
@@ -35,10 +37,13 @@ def make_backend(
     threads: int = 2,
     edgetpu_device: str | None = None,
     accelerator=None,
+    engine_cache: str | None = None,
+    trt_runtime=None,
 ) -> BackendChoice:
     """Open the first backend of ``order`` that works for ``model``.
 
-    ``accelerator`` replaces the real Edge TPU (tests pass firmware_app.backends.edgetpu.MockEdgeTpu).
+    ``accelerator`` replaces the real Edge TPU (tests pass firmware_app.backends.edgetpu.MockEdgeTpu);
+    ``trt_runtime`` the real TensorRT; ``engine_cache`` is where TensorRT engines are kept.
     """
     notices: list[str] = []
     for name in order:
@@ -47,6 +52,11 @@ def make_backend(
                 from firmware_app.backends.edgetpu import open_edgetpu
 
                 backend = open_edgetpu(model, threads, device=edgetpu_device, accelerator=accelerator)
+            elif name == "tensorrt":
+                from firmware_app.backends.tensorrt import TensorRTBackend
+
+                cache = engine_cache or os.path.join(tempfile.gettempdir(), "firmware-app-engines")
+                backend = TensorRTBackend(model, cache, runtime=trt_runtime)
             elif name == "cpu":
                 from firmware_app.backends.litert import LiteRTBackend
 

@@ -23,7 +23,7 @@ from firmware_app.errors import BadFrame, BadSource
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.types import Frame
 
-MIN_SIDE = 16
+MIN_SIDE = 2  # a resize needs pixels to work with; real sources are far larger
 
 
 def check_pixels(pixels: object, where: str) -> None:

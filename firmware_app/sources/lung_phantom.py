@@ -134,7 +134,7 @@ class LungPhantom:
             d = np.abs(lat - centre) / (half + 1e-6)  # 0 at the rib centre, 1 at its edges
             edge = np.clip((1.0 - d) / 0.12, 0.0, 1.0)
             surface = zr + 0.03 * d**2  # convex top
-            below = 0.5 + 0.5 * np.tanh((z[:, None] - surface[None, :]) / 0.006)
+            below = 0.5 + 0.5 * np.tanh((z[:, None] - surface[None, :] - 0.015) / 0.006)
             self._shadow = np.maximum(self._shadow, (below * edge[None, :]).astype(np.float32))
             db += rng.uniform(10.0, 16.0) * np.exp(-(((z[:, None] - surface[None, :]) / 0.008) ** 2)) * edge
             if side < 0:
@@ -142,7 +142,7 @@ class LungPhantom:
             else:
                 gap_hi = min(gap_hi, inner)
         self._gap = (gap_lo, gap_hi)
-        db += self._shadow * rng.uniform(-22.0, -15.0)
+        db += self._shadow * rng.uniform(-26.0, -18.0)
 
         att_db = 0.5 * (7.5 if self.linear else 3.5) * 2.0 * self.depth_cm
         resid = rng.uniform(0.0, 0.3)
@@ -218,8 +218,8 @@ class LungPhantom:
             b_lines.append(
                 _Line(
                     beam=float(rng.uniform(lo, hi)),
-                    width=float(rng.uniform(2.5, 6.0) if wide else rng.uniform(0.8, 2.0)) * nb / 192.0,
-                    gain_db=float(rng.uniform(5.0, 16.0)),
+                    width=float(rng.uniform(3.0, 7.0) if wide else rng.uniform(1.0, 2.8)) * nb / 192.0,
+                    gain_db=float(rng.uniform(-2.0, 12.0)),
                     length=float(rng.uniform(0.9, 1.0)),
                     wobble=float(rng.uniform(0.0, 2.0 * math.pi)),
                 )
@@ -271,7 +271,7 @@ class LungPhantom:
         # the lung: pleural line with its sliding texture, haze and A-lines, then the comet tails
         beams = np.arange(nb, dtype=np.float32)
         off = int(round(slide * 4.0)) % nb  # the texture slides faster than the artefacts: shimmer
-        tex = self._texture[nb + off : 2 * nb + off] if nb + off + nb <= len(self._texture) else self._texture[:nb]
+        tex = self._texture[nb + off : 2 * nb + off]
         pleura_col = (self._pleura_db + 3.0 * tex) * _LN10_20
         lung = np.outer(self._pleura_row, pleura_col).astype(np.float32)
         lung += self._haze_ln[:, None]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 
+import cv2
 import numpy as np
 import pytest
 
@@ -154,3 +155,36 @@ def test_detection_boxes_scores_applies_nms():
     r = make_postprocessor(parse_manifest(d, "t"), specs)([boxes, logits], 0, (100, 100), 0.5)
     assert len(r.boxes) == 2  # the overlapping duplicate is suppressed
     assert r.boxes[0].score > r.boxes[1].score
+
+
+@pytest.mark.parametrize(
+    "channels, activation, calibration",
+    [
+        (2, "softmax", None),
+        (2, "softmax", {"method": "temperature", "temperature": 1.8}),
+        (2, "none", None),
+        (1, "sigmoid", None),
+        (1, "sigmoid", {"method": "platt", "a": 0.7, "b": -0.4}),
+        (1, "none", {"method": "temperature", "temperature": 0.6}),
+    ],
+)
+def test_integer_fast_path_equals_the_float_path(channels, activation, calibration):
+    d = copy.deepcopy(SEG)
+    d["output"]["activation"] = activation
+    if calibration:
+        d["calibration"] = calibration
+    m = parse_manifest(d, "t")
+    scale = 1 / 256 if activation == "none" else 0.07
+    spec = int8_spec((1, 16, 16, channels), scale=scale, zp=-128 if activation == "none" else 3)
+    post = make_postprocessor(m, [spec])
+    assert post._table is not None  # the fast path is taken
+    rng = np.random.default_rng(channels)
+    for threshold in (0.3, 0.5, 0.77):
+        raw = rng.integers(-128, 128, size=(1, 16, 16, channels), dtype=np.int8)
+        fast = post([raw], 1, (32, 32), threshold)
+        probs = post.probability_maps(raw)[..., 0]
+        slow_mask = cv2.resize(
+            (probs > threshold).astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST
+        )
+        assert np.array_equal(fast.mask, slow_mask)
+        assert fast.confidence == pytest.approx(float(probs.max()), abs=1e-6)

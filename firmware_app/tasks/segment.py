@@ -32,6 +32,48 @@ class Segmenter:
         self.spec = spec
         self.channels = channels
         self.out_hw = (spec.shape[1], spec.shape[2])
+        self._table, self._score = self._quantized_path()
+
+    def _quantized_path(self):
+        """For an int8/uint8 output with one finding label: a table from an integer score of the raw output
+        to the calibrated probability, built once, so a frame costs an integer compare, not a float map.
+
+        Returns (table, score_fn) or (None, None) when the probability is not a monotone function of one
+        integer score (float outputs, several finding labels, calibrated multi-channel probabilities).
+        """
+        spec, cal, act = self.spec, self.m.calibration, self.m.activation
+        if not spec.quantized or self.channels > 2:
+            return None, None
+        info = np.iinfo(spec.dtype)
+        values = np.arange(info.min, info.max + 1)
+        span = info.max - info.min
+        if self.channels == 1:
+            real = spec.dequantize(values).reshape(-1, 1)
+            table = probabilities(real, act if act != "softmax" else "sigmoid", cal)[:, 0]
+
+            def score(raw):
+                return raw[0, ..., 0].astype(np.int32) - info.min
+
+        elif act == "softmax":  # p1 = softmax over (l0, l1) = a function of l1 - l0 alone (one scale)
+            diff = np.arange(-span, span + 1, dtype=np.float32) * np.float32(spec.scale)
+            logits = np.stack([np.zeros_like(diff), diff], axis=-1)
+            table = probabilities(logits, "softmax", cal)[:, 1]
+
+            def score(raw):
+                return raw[0, ..., 1].astype(np.int32) - raw[0, ..., 0] + span
+
+        elif cal.method == "none":  # the model's own probabilities: channel 1 is the finding
+            table = np.clip(spec.dequantize(values), 0.0, 1.0)
+
+            def score(raw):
+                return raw[0, ..., 1].astype(np.int32) - info.min
+
+        else:
+            return None, None
+        table = table.astype(np.float64)
+        if np.any(np.diff(table) < 0):
+            return None, None
+        return table, score
 
     def probability_maps(self, raw: np.ndarray) -> np.ndarray:
         """-> float32 [H, W, K]: calibrated probability of each non-background label (K = 1 for 1 or 2 labels)."""
@@ -46,21 +88,28 @@ class Segmenter:
     def __call__(
         self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
     ) -> Result:
-        probs = self.probability_maps(raw_outputs[0])
-        masks = probs > threshold  # a tie (p = 0.5 with threshold 0.5) is background, as argmax
-        k = int(np.argmax(masks.reshape(-1, masks.shape[-1]).sum(axis=0))) if masks.shape[-1] > 1 else 0
-        prob = probs[..., k]
-        small = masks[..., k].astype(np.uint8)
+        if self._table is not None:
+            score = self._score(raw_outputs[0])
+            cut = int(np.searchsorted(self._table, threshold, side="right"))  # first score with p > threshold
+            small = (score >= cut).view(np.uint8)
+            k, top = 0, float(self._table[int(score.max())])
+            max_per_label = {self.m.labels[1]: top}
+        else:
+            probs = self.probability_maps(raw_outputs[0])
+            masks = probs > threshold  # a tie (p = 0.5 with threshold 0.5) is background, as argmax
+            k = int(np.argmax(masks.reshape(-1, masks.shape[-1]).sum(axis=0))) if masks.shape[-1] > 1 else 0
+            small = np.ascontiguousarray(masks[..., k]).view(np.uint8)
+            max_per_label = {self.m.labels[i + 1]: float(probs[..., i].max()) for i in range(probs.shape[-1])}
+            top = max_per_label[self.m.labels[k + 1]]
         label = self.m.labels[k + 1]
         fw, fh = frame_size
         mh, mw = self.out_hw
-        max_per_label = {self.m.labels[i + 1]: float(probs[..., i].max()) for i in range(probs.shape[-1])}
         if not small.any():
             return Result(
                 frame_id=frame_id,
                 task="segmentation",
                 label=None,
-                confidence=float(prob.max()),
+                confidence=top,
                 alert=False,
                 probabilities=max_per_label,
                 mask=np.zeros((fh, fw), np.uint8),
@@ -76,7 +125,7 @@ class Segmenter:
         mask = cv2.resize(small, (fw, fh), interpolation=cv2.INTER_NEAREST)
         mom = cv2.moments(small, binaryImage=True)
         centroid = ((mom["m10"] / mom["m00"] + 0.5) * sx, (mom["m01"] / mom["m00"] + 0.5) * sy)
-        confidence = float(prob[small.astype(bool)].max())
+        confidence = top  # the highest probability lies inside the mask whenever the mask is not empty
         return Result(
             frame_id=frame_id,
             task="segmentation",

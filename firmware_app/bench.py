@@ -78,7 +78,7 @@ def naive_loop(model: ModelRef, threads: int, frames: list[np.ndarray], n: int) 
 
     m = model.manifest
     backend = LiteRTBackend(model.tflite, threads=threads)
-    spec, out_spec = backend.input, backend.outputs[0]
+    spec = backend.input
     lo, hi = m.range
     canvas_size = (800, 480)
     t_start = 0.0
@@ -97,24 +97,22 @@ def naive_loop(model: ModelRef, threads: int, frames: list[np.ndarray], n: int) 
         if spec.quantized:
             info = np.iinfo(spec.dtype)
             x = np.clip(np.round(x / spec.scale + spec.zero_point), info.min, info.max).astype(spec.dtype)
-        out = backend.invoke(x.astype(spec.dtype))[0].astype(np.float32)
-        if out_spec.quantized:
-            out = (out - out_spec.zero_point) * out_spec.scale
-        prob = out[0, ..., -1]
-        mask = cv2.resize((prob > 0.5).astype(np.float32), (bgr.shape[1], bgr.shape[0]))
+        outs = []
+        for raw, o in zip(backend.invoke(x.astype(spec.dtype)), backend.outputs):
+            f = raw.astype(np.float32)
+            outs.append((f - o.zero_point) * o.scale if o.quantized else f)
+        spatial = next((o for o in outs if o.ndim == 4), None)
+        if spatial is not None:  # a mask or heatmap, stretched over the frame
+            prob = spatial[0, ..., -1]
+            weight = cv2.resize((prob > 0.5).astype(np.float32), (bgr.shape[1], bgr.shape[0]))
+        else:
+            weight = np.full(bgr.shape[:2], float(outs[0].max() > 0.5), np.float32)
         overlay = bgr.astype(np.float32)
         color = np.array([0, 200, 255], np.float32)
-        overlay = overlay * (1 - 0.4 * mask[..., None]) + color * 0.4 * mask[..., None]
+        overlay = overlay * (1 - 0.4 * weight[..., None]) + color * 0.4 * weight[..., None]
         shown = cv2.resize(overlay.astype(np.uint8), canvas_size)
-        cv2.putText(
-            shown,
-            f"{m.id} {float(prob.max()):.2f}",
-            (10, 30),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            1,
-            (255, 255, 255),
-            2,
-        )
+        label = f"{m.id} {float(outs[0].max()):.2f}"
+        cv2.putText(shown, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1, (255, 255, 255), 2)
     backend.close()
     return round(n / (time.perf_counter() - t_start), 2)
 
@@ -160,7 +158,7 @@ def run_bench(
     bare = bare_invoke(model, order, threads, sample, frames)
     full = pipeline_run(board, model, unlimited, frames)
     paced_stats = pipeline_run(board, model, paced, max(30, frames // 2))
-    naive = naive_loop(model, threads, sample, frames) if model.manifest.task == "segmentation" else None
+    naive = naive_loop(model, threads, sample, frames)
     stages = full["stages_ms"]
     overhead = sum(
         stages.get(s, {}).get("p50", 0.0) for s in ("preprocess", "postprocess", "render", "display")

@@ -1,0 +1,49 @@
+"""`firmware-app bench --json`: every field of the contract, measured in one run."""
+
+from __future__ import annotations
+
+import json
+
+from firmware_app.cli import main
+
+FIELDS = {
+    "model",
+    "backend",
+    "threads",
+    "frames",
+    "invoke_ms",
+    "bare_invoke_fps",
+    "pipeline_fps",
+    "naive_loop_fps",
+    "overhead_ms_p50",
+    "e2e_latency_ms",
+    "mismatched_overlays",
+    "startup_s",
+    "rss_mb",
+}
+
+
+def test_bench_json_has_every_contract_field(capsys, tmp_path, float_model_dir):
+    code = main(
+        [
+            "--data-dir",
+            str(tmp_path),
+            "bench",
+            "--model",
+            str(float_model_dir),
+            "--frames",
+            "20",
+            "--source",
+            "synthetic:ultrasound?width=320&height=240&cache=4",
+            "--json",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(out)
+    assert FIELDS <= set(result)
+    assert result["frames"] == 20 and result["mismatched_overlays"] == 0
+    assert result["bare_invoke_fps"] > 0 and result["pipeline_fps"] > 0 and result["naive_loop_fps"] > 0
+    assert set(result["invoke_ms"]) == {"p50", "p99"} and set(result["e2e_latency_ms"]) == {"p50", "p99"}
+    assert result["startup_s"] is not None and 0 < result["startup_s"] < 30
+    assert result["rss_mb"] > 0

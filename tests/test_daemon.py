@@ -218,3 +218,28 @@ def test_staged_bundle_is_installed_and_switched_in(tmp_path, float_model_dir, m
         d.close()
     assert not (staging / "update.fwb").exists()
     assert d.pipeline.stats()["errors"] == 0
+
+
+def test_export_stick_gets_the_captures_when_plugged_in(tmp_path, float_model_dir, monkeypatch):
+    """The USB hook: a stick with firmware-app-export.toml is remounted read-write and exported to."""
+    import firmware_app.update.staging as staging
+
+    data = tmp_path / "data"
+    Daemon(
+        board(),
+        data,
+        model_ref=str(float_model_dir),
+        source_uri=FAST,
+        display_uris=["null"],
+        max_frames=4,
+        capture_every=2,
+    ).run()
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    (stick / "firmware-app-export.toml").write_text("deidentify = true\n")
+    mounts = []
+    monkeypatch.setattr(staging.subprocess, "run", lambda cmd, **kw: mounts.append(cmd[0]))
+    assert staging.export_device("/dev/sdz1", data, stick) == 0
+    assert mounts == ["mount", "umount"]
+    ds = pydicom.dcmread(stick / "DICOMDIR")
+    assert len(ds.DirectoryRecordSequence) > 2

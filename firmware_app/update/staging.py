@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_STAGED = 16
 MOUNT_OPTIONS = "ro,nosuid,nodev,noexec,noatime"
 FILESYSTEMS = "vfat,exfat"
+EXPORT_MARKER = "firmware-app-export.toml"  # records.commands.STICK_MARKER: marks an export stick
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,95}\.fwb")
 
 
@@ -123,20 +124,29 @@ def _copy_one(src: Path, staging: Path, name: str, owner: os.stat_result) -> Non
 
 
 def stage_device(device: str, data_dir: str | Path) -> int:
-    """Mount ``device`` read-only (nosuid, nodev, noexec) on a private folder, stage its bundles, unmount."""
+    """Mount ``device`` read-only (nosuid, nodev, noexec) on a private folder, stage its bundles, unmount.
+
+    A stick that carries ``firmware-app-export.toml`` is an export stick: afterwards it is mounted
+    read-write (still nosuid, nodev, noexec) and the captures are exported to it as a DICOM File-set.
+    """
     st = os.stat(device)
     if not stat.S_ISBLK(st.st_mode):
         log.error("%s: not a block device", device)
         return 2
     mnt = Path(tempfile.mkdtemp(prefix="firmware-app-usb-"))
+    export_stick = False
     try:
         subprocess.run(
             ["mount", "-t", FILESYSTEMS, "-o", MOUNT_OPTIONS, device, str(mnt)], check=True, timeout=60
         )
         try:
             staged = stage_folder(mnt, data_dir)
+            export_stick = (mnt / EXPORT_MARKER).is_file()
         finally:
             subprocess.run(["umount", str(mnt)], check=False, timeout=60)
+        log.info("%s: %d bundle(s) staged for the daemon", device, len(staged))
+        if export_stick:
+            return export_device(device, data_dir, mnt)
     except (subprocess.SubprocessError, OSError) as exc:
         log.error("%s: cannot stage bundles: %s", device, exc)
         return 1
@@ -145,8 +155,39 @@ def stage_device(device: str, data_dir: str | Path) -> int:
             mnt.rmdir()
         except OSError:
             log.warning("%s: still mounted or not empty", mnt)
-    log.info("%s: %d bundle(s) staged for the daemon", device, len(staged))
     return 0
+
+
+def export_device(device: str, data_dir: str | Path, mnt: Path) -> int:
+    """Mount an export stick read-write and export the captures to it as the data dir's owner."""
+    from firmware_app.records.commands import auto_export
+
+    owner = os.stat(data_dir)
+    options = f"rw,nosuid,nodev,noexec,noatime,uid={owner.st_uid},gid={owner.st_gid},umask=077"
+    subprocess.run(["mount", "-t", FILESYSTEMS, "-o", options, device, str(mnt)], check=True, timeout=60)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the export itself runs without root, as the daemon's user
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgroups([])
+                    os.setgid(owner.st_gid)
+                    os.setuid(owner.st_uid)
+                reports = auto_export(data_dir, mnt)
+                code = 0 if all(r.ok for r in reports) else 1
+                log.info(
+                    "%s: export stick: %d capture(s) exported", device, sum(len(r.exported) for r in reports)
+                )
+            except Exception as exc:  # noqa: BLE001 - reported, and the stick is still unmounted
+                log.error("%s: export failed: %s", device, exc)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+    finally:
+        os.sync()
+        subprocess.run(["umount", str(mnt)], check=False, timeout=120)
 
 
 def main(argv: list[str] | None = None) -> int:

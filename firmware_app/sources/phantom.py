@@ -115,17 +115,18 @@ class _Fluid:
     morph: float  # rad per frame: how fast the outline's lobes turn
 
 
-def _random_blob(rng: np.random.Generator, cx: float, cy: float, a: float, b: float, lobes: float) -> _Blob:
-    amp = tuple(float(rng.uniform(0.0, lobes) / k) for k in (1.0, 1.6, 2.2))
-    return _Blob(
-        cx=cx,
-        cy=cy,
-        a=a,
-        b=b,
-        rot=float(rng.uniform(-math.pi, math.pi)),
-        amp=amp,  # type: ignore[arg-type]
-        phase=tuple(float(p) for p in rng.uniform(-math.pi, math.pi, 3)),  # type: ignore[arg-type]
+def _random_blob(
+    rng: np.random.Generator, cx: float, cy: float, a: float, b: float, lobes: float, tilt: float = math.pi
+) -> _Blob:
+    """A blob at (cx, cy) with semi-axes a, b, lobes of up to ``lobes`` and a rotation in +-``tilt``."""
+    amp = (
+        float(rng.uniform(0.0, lobes)),
+        float(rng.uniform(0.0, lobes) / 1.6),
+        float(rng.uniform(0.0, lobes) / 2.2),
     )
+    rot = float(rng.uniform(-tilt, tilt))
+    p1, p2, p3 = (float(p) for p in rng.uniform(-math.pi, math.pi, 3))
+    return _Blob(cx=cx, cy=cy, a=a, b=b, rot=rot, amp=amp, phase=(p1, p2, p3))
 
 
 class UltrasoundPhantom:
@@ -401,8 +402,8 @@ class UltrasoundPhantom:
         a = self._decor_rate * t + self._decor_phase[0]
         psi = 0.55 + 0.4 * math.sin(0.043 * t + self._decor_phase[1])
         w = (math.cos(a) * math.cos(psi), math.sin(a) * math.cos(psi), math.sin(psi))
-        oy = self._my - int(round(sy / self._dr))
-        ox = self._mx - int(round(sx / (0.5 * (self._r0 + self._r1) * self._dth)))
+        oy = min(max(self._my - int(round(sy / self._dr)), 0), 2 * self._my)
+        ox = min(max(self._mx - int(round(sx / (0.5 * (self._r0 + self._r1) * self._dth))), 0), 2 * self._mx)
         win = (slice(oy, oy + self._ns), slice(ox, ox + self._nb))
         f = self._speckle
         i_ = cv2.addWeighted(f[0][win], w[0], f[2][win], w[1], 0.0)
@@ -486,8 +487,7 @@ class XrayPhantom:
 
         def blob(cx: float, cy: float, a: float, b: float, lobes: float) -> np.ndarray:
             """Soft membership (0..1) of a random smooth outline, in normalised coordinates."""
-            bl = _random_blob(rng, cx * W, cy * H, a * W, b * H, lobes)
-            bl = _Blob(bl.cx, bl.cy, bl.a, bl.b, rot=rng.uniform(-0.15, 0.15), amp=bl.amp, phase=bl.phase)
+            bl = _random_blob(rng, cx * W, cy * H, a * W, b * H, lobes, tilt=0.15)
             sd = bl.signed_distance(xs * W, ys * H, bl.cx, bl.cy, 1.0)
             return _sigmoid(sd / 3.0)
 

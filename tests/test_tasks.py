@@ -163,6 +163,7 @@ def test_detection_boxes_scores_applies_nms():
         (2, "softmax", None),
         (2, "softmax", {"method": "temperature", "temperature": 1.8}),
         (2, "none", None),
+        (2, "none", {"method": "temperature", "temperature": 1.4}),
         (1, "sigmoid", None),
         (1, "sigmoid", {"method": "platt", "a": 0.7, "b": -0.4}),
         (1, "none", {"method": "temperature", "temperature": 0.6}),

@@ -35,45 +35,34 @@ class Segmenter:
         self._table, self._score = self._quantized_path()
 
     def _quantized_path(self):
-        """For an int8/uint8 output with one finding label: a table from an integer score of the raw output
-        to the calibrated probability, built once, so a frame costs an integer compare, not a float map.
+        """For an int8/uint8 output with one finding label: a table from the raw output value(s) of a pixel
+        to its calibrated probability, built once, so a frame costs one table lookup, not float maps.
 
-        Returns (table, score_fn) or (None, None) when the probability is not a monotone function of one
-        integer score (float outputs, several finding labels, calibrated multi-channel probabilities).
+        One channel: 256 entries. Two channels ([background, finding], softmax or probabilities, with any
+        calibration): 256 x 256 entries indexed by both raw values. Returns (None, None) for float outputs
+        or several finding labels.
         """
         spec, cal, act = self.spec, self.m.calibration, self.m.activation
         if not spec.quantized or self.channels > 2:
             return None, None
         info = np.iinfo(spec.dtype)
-        values = np.arange(info.min, info.max + 1)
-        span = info.max - info.min
+        real = spec.dequantize(np.arange(info.min, info.max + 1))
+        n = real.size
         if self.channels == 1:
-            real = spec.dequantize(values).reshape(-1, 1)
-            table = probabilities(real, act if act != "softmax" else "sigmoid", cal)[:, 0]
+            table = probabilities(real.reshape(-1, 1), act if act != "softmax" else "sigmoid", cal)[:, 0]
 
             def score(raw):
                 return raw[0, ..., 0].astype(np.int32) - info.min
 
-        elif act == "softmax":  # p1 = softmax over (l0, l1) = a function of l1 - l0 alone (one scale)
-            diff = np.arange(-span, span + 1, dtype=np.float32) * np.float32(spec.scale)
-            logits = np.stack([np.zeros_like(diff), diff], axis=-1)
-            table = probabilities(logits, "softmax", cal)[:, 1]
-
-            def score(raw):
-                return raw[0, ..., 1].astype(np.int32) - raw[0, ..., 0] + span
-
-        elif cal.method == "none":  # the model's own probabilities: channel 1 is the finding
-            table = np.clip(spec.dequantize(values), 0.0, 1.0)
-
-            def score(raw):
-                return raw[0, ..., 1].astype(np.int32) - info.min
-
         else:
-            return None, None
-        table = table.astype(np.float64)
-        if np.any(np.diff(table) < 0):
-            return None, None
-        return table, score
+            pairs = np.stack(np.meshgrid(real, real, indexing="ij"), axis=-1).reshape(-1, 2)
+            table = probabilities(pairs, act, cal, axis=-1)[:, 1]
+
+            def score(raw):
+                r = raw[0].astype(np.int32) - info.min
+                return r[..., 0] * n + r[..., 1]
+
+        return table.astype(np.float32), score
 
     def probability_maps(self, raw: np.ndarray) -> np.ndarray:
         """-> float32 [H, W, K]: calibrated probability of each non-background label (K = 1 for 1 or 2 labels)."""
@@ -89,10 +78,9 @@ class Segmenter:
         self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
     ) -> Result:
         if self._table is not None:
-            score = self._score(raw_outputs[0])
-            cut = int(np.searchsorted(self._table, threshold, side="right"))  # first score with p > threshold
-            small = (score >= cut).view(np.uint8)
-            k, top = 0, float(self._table[int(score.max())])
+            prob = self._table[self._score(raw_outputs[0])]
+            small = (prob > threshold).view(np.uint8)
+            k, top = 0, float(prob.max())
             max_per_label = {self.m.labels[1]: top}
         else:
             probs = self.probability_maps(raw_outputs[0])

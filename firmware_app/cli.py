@@ -79,6 +79,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=_positive, default=300, help="frames per measurement (default 300)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("validate", help="clinical metrics of a model on a labelled dataset")
+    _common(p, top=False)
+    p.add_argument("--model", required=True, help="model id or folder")
+    p.add_argument("--dataset", required=True, help="DIR with images/ and labels.csv, masks/ or boxes.csv")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="DIR", help="write report.html with plots and a per-case table here")
+
     p = sub.add_parser("doctor", help="what was found: runtimes, accelerators, display, devices, config")
     _common(p, top=False)
     p.add_argument("--board", help="board name or TOML file (default x86-dev)")
@@ -146,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_bench(args.board, args.model, args.source, args.frames, args.data_dir)
             print(json.dumps(result, indent=None if args.json else 2))
             return 0
+        if args.command == "validate":
+            from firmware_app.validate import cmd_validate
+
+            return cmd_validate(args.model, args.dataset, args.json, args.report, args.data_dir)
         if args.command == "doctor":
             from firmware_app.doctor import run_doctor
 

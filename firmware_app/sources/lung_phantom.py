@@ -46,7 +46,7 @@ class _Line:
 
     beam: float  # centre, in beams (before the lung slides)
     width: float  # e-folding half width, beams
-    gain_db: float  # brightness over the lung haze
+    gain_db: float  # brightness over the lung haze, dB
     length: float  # fraction of the depth below the pleura it reaches (B-line: 1 = the bottom)
     wobble: float  # rad: phase of its slight lateral wavering
 
@@ -88,7 +88,9 @@ class LungPhantom:
             ax, ay = W * 0.5, -apex_off
             r0 = apex_off + rng.uniform(0.02, 0.05) * H
             r1 = apex_off + rng.uniform(0.9, 0.98) * H
-            alpha = min(rng.uniform(math.radians(25.0), math.radians(35.0)), math.asin(min(1.0, 0.47 * W / r1)))
+            alpha = min(
+                rng.uniform(math.radians(25.0), math.radians(35.0)), math.asin(min(1.0, 0.47 * W / r1))
+            )
             dx, dy = xs - ax, ys - ay
             theta = np.arctan2(dx, dy)
             rad = np.hypot(dx, dy)
@@ -219,7 +221,7 @@ class LungPhantom:
                 _Line(
                     beam=float(rng.uniform(lo, hi)),
                     width=float(rng.uniform(3.0, 7.0) if wide else rng.uniform(1.0, 2.8)) * nb / 192.0,
-                    gain_db=float(rng.uniform(-2.0, 12.0)),
+                    gain_db=float(rng.uniform(3.0, 18.0)),
                     length=float(rng.uniform(0.9, 1.0)),
                     wobble=float(rng.uniform(0.0, 2.0 * math.pi)),
                 )
@@ -228,8 +230,8 @@ class LungPhantom:
             _Line(
                 beam=float(rng.uniform(lo, hi)),
                 width=float(rng.uniform(0.7, 1.6)) * nb / 192.0,
-                gain_db=float(rng.uniform(4.0, 10.0)),
-                length=float(rng.uniform(0.04, 0.12)),
+                gain_db=float(rng.uniform(4.0, 14.0)),
+                length=float(rng.uniform(0.04, 0.2)),
                 wobble=0.0,
             )
             for _ in range(n_z)
@@ -250,7 +252,7 @@ class LungPhantom:
     def render(self, t: int) -> tuple[np.ndarray, int]:
         """Frame number t (>=0) -> (image uint8 HxW grayscale, 1 if B-lines are present else 0)."""
         t = int(t)
-        ns, nb = self._ns, self._nb
+        nb = self._nb
         slide = self._slide_amp * math.sin(2.0 * math.pi * t / self._breath_period + self._breath_phase)
         b_lines, z_lines = self._lines(t)
 
@@ -284,15 +286,15 @@ class LungPhantom:
             zz = (self._z - self._zp) / max(ln.length * (1.0 - self._zp), 1e-3)
             depth_prof = np.where(zz > 0, np.clip(1.15 - 0.25 * zz, 0.0, 1.0), 0.0).astype(np.float32)
             depth_prof[: self._ip] = 0.0
-            lung += np.outer(depth_prof, prof * (ln.gain_db - self._haze_ln.min() / _LN10_20) * _LN10_20)
+            lung += np.outer(depth_prof, prof * (ln.gain_db * _LN10_20))
         for ln in z_lines:
             c = ln.beam + slide
             prof = np.exp(-(((beams - c) / ln.width) ** 2))
             zz = (self._z - self._zp) / ln.length
             depth_prof = np.where(zz > 0, np.exp(-zz * 2.5), 0.0).astype(np.float32)
-            lung += np.outer(depth_prof, prof * (ln.gain_db - 0.5 * self._haze_ln.min() / _LN10_20) * _LN10_20)
+            lung += np.outer(depth_prof, prof * (ln.gain_db * _LN10_20))
         lung += aline * (1.0 - erase)[None, :]
-        lung *= (1.0 - self._shadow)  # the ribs' shadows hide the lung below them
+        lung *= 1.0 - self._shadow  # the ribs' shadows hide the lung below them
         log_img += lung
 
         polar = cv2.addWeighted(log_img, self._grey_scale, log_img, 0.0, self._grey_offset, dtype=cv2.CV_8U)

@@ -16,11 +16,12 @@ from typing import Any
 from firmware_app.errors import BadSource
 from firmware_app.sources import register
 from firmware_app.sources.base import Source, float_param, int_param
+from firmware_app.sources.lung_phantom import LungPhantom
 from firmware_app.sources.phantom import UltrasoundPhantom, XrayPhantom
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.types import Frame
 
-KINDS = {"ultrasound": UltrasoundPhantom, "xray": XrayPhantom}
+KINDS = {"ultrasound": UltrasoundPhantom, "xray": XrayPhantom, "lung": LungPhantom}
 
 
 @register("synthetic")
@@ -76,9 +77,12 @@ class SyntheticSource(Source):
     def _render(self, t: int) -> tuple:
         if self.kind == "ultrasound":
             img, mask = self.phantom.render(t)
-            return img, mask, None
+            return img, mask, None, {}
+        if self.kind == "lung":  # a frame-level label (B-lines present), no mask
+            img, label = self.phantom.render(t)
+            return img, None, None, {"label": int(label)}
         img, mask, boxes = self.phantom.render(t)
-        return img, mask, tuple(boxes)
+        return img, mask, tuple(boxes), {}
 
     def read(self) -> Frame | None:
         if self.stopping.is_set() or (self.frames is not None and self._t >= self.frames):
@@ -94,6 +98,6 @@ class SyntheticSource(Source):
             self._next_due = max(self._next_due + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
         t = self._t
         self._t += 1
-        img, mask, boxes = self._cached[t % self.cache] if self._cached else self._render(t)
-        meta = {"phantom": self.kind, "seed": self.seed, "t": t}
+        img, mask, boxes, extra = self._cached[t % self.cache] if self._cached else self._render(t)
+        meta = {"phantom": self.kind, "seed": self.seed, "t": t, **extra}
         return self.make_frame(img, meta, truth=mask, truth_boxes=boxes)

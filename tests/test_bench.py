@@ -32,7 +32,7 @@ def test_bench_json_has_every_contract_field(capsys, tmp_path, float_model_dir):
             "--model",
             str(float_model_dir),
             "--frames",
-            "20",
+            "30",
             "--source",
             "synthetic:ultrasound?width=320&height=240&cache=4",
             "--json",
@@ -42,7 +42,7 @@ def test_bench_json_has_every_contract_field(capsys, tmp_path, float_model_dir):
     out = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(out)
     assert FIELDS <= set(result)
-    assert result["frames"] == 20 and result["mismatched_overlays"] == 0
+    assert result["frames"] == 30 and result["mismatched_overlays"] == 0
     assert result["bare_invoke_fps"] > 0 and result["pipeline_fps"] > 0 and result["naive_loop_fps"] > 0
     assert set(result["invoke_ms"]) == {"p50", "p99"} and set(result["e2e_latency_ms"]) == {"p50", "p99"}
     assert result["startup_s"] is not None and 0 < result["startup_s"] < 30

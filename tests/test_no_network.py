@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import THIRD_PARTY_FLOAT
 
 

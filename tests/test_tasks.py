@@ -103,7 +103,7 @@ def test_classification_top_finding_and_heatmap():
     assert r.probabilities["absent"] < 0.05
     assert r.heatmap.shape == (4, 4) and r.heatmap[1, 2] == 1.0 and r.heatmap[0, 0] == 0.0
     r = post([np.array([[20, -20]], np.int8), hm], 6, (64, 64), 0.5)
-    assert r.label == "absent" and not r.alert
+    assert r.label == "absent" and not r.alert and r.heatmap is None  # no finding, no "where"
 
 
 def test_classification_threshold_decides_alert():

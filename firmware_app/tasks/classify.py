@@ -2,7 +2,8 @@
 
 Label 0 is the negative class ("absent", "normal") when there are two or more labels; the finding is the
 most probable of the others and raises the alert when its probability reaches the threshold. A second
-output named by ``[output] heatmap_output`` is a spatial map ([1, h, w] or [1, h, w, C]) drawn on screen.
+output named by ``[output] heatmap_output`` is a spatial map ([1, h, w] or [1, h, w, C]) drawn on screen
+when the finding raises the alert (a map of "where" has no meaning without a finding).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Classifier:
         alert = conf >= threshold
         top = int(np.argmax(probs))
         heatmap = None
-        if self.hm_spec is not None:
+        if self.hm_spec is not None and alert:  # where the model sees the finding; nothing to show without one
             h = self.hm_spec.dequantize(raw_outputs[self.heatmap_index])[0]
             if h.ndim == 3:
                 h = h[..., min(k, h.shape[-1] - 1)]

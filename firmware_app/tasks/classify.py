@@ -58,7 +58,9 @@ class Classifier:
         alert = conf >= threshold
         top = int(np.argmax(probs))
         heatmap = None
-        if self.hm_spec is not None and alert:  # where the model sees the finding; nothing to show without one
+        if (
+            self.hm_spec is not None and alert
+        ):  # where the model sees the finding; nothing to show without one
             h = self.hm_spec.dequantize(raw_outputs[self.heatmap_index])[0]
             if h.ndim == 3:
                 h = h[..., min(k, h.shape[-1] - 1)]

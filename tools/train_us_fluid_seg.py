@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,9 +29,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from modelkit import cpu_name  # noqa: E402
 
 from firmware_app.sources.phantom import UltrasoundPhantom  # noqa: E402
 
@@ -285,16 +286,6 @@ def op_names(path: Path) -> list[str]:
     )
     it.allocate_tensors()
     return sorted({d["op_name"] for d in it._get_ops_details()})
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
 # ---------------------------------------------------------------- outputs

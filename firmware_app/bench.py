@@ -41,7 +41,7 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 
 def _sample_frames(source_uri: str, n: int) -> list[np.ndarray]:
-    src = open_source(source_uri.replace("fps=30", "fps=0"))
+    src = open_source(source_uri)
     src.open()
     try:
         frames = []

@@ -128,6 +128,7 @@ class Pipeline:
     # the backend chain and accelerator used again when the model is switched at run time
     backend_order: list[str] = field(default_factory=lambda: ["cpu"])
     accelerator: Any = None
+    engine_cache: str | None = None
     # called from the inference loop at least every HEARTBEAT_S while it runs (a hung model stops the calls)
     heartbeat: Callable[[], None] | None = None
 
@@ -190,16 +191,27 @@ class Pipeline:
 
         The new model is fully loaded before the swap; if it fails to load, the old one keeps running.
         """
-        choice = make_backend(
-            model, self.backend_order, self.choice.backend.threads, accelerator=self.accelerator
+        self._queue_swap(model, self._open_backend(model, self.backend_order))
+        m = model.manifest
+        self.notify(f"Model {m.id} {m.version} loaded")
+        return f"{m.id} {m.version}"
+
+    def _open_backend(self, model: ModelRef, order: list[str]) -> BackendChoice:
+        """The backend chain of this pipeline (threads, accelerator, engine cache) for ``model``."""
+        return make_backend(
+            model,
+            order,
+            self.choice.backend.threads,
+            accelerator=self.accelerator,
+            engine_cache=self.engine_cache,
         )
+
+    def _queue_swap(self, model: ModelRef, choice: BackendChoice) -> None:
+        """Prepare model + backend + pre/post-processing; the inference loop swaps them in between frames."""
         pre = Preprocessor(model.manifest, choice.backend.input)
         post = make_postprocessor(model.manifest, choice.backend.outputs)
         with self._lock:
             self._pending_model = (model, choice, pre, post)
-        m = model.manifest
-        self.notify(f"Model {m.id} {m.version} loaded")
-        return f"{m.id} {m.version}"
 
     def _apply_pending_model(self) -> None:
         with self._lock:
@@ -380,18 +392,12 @@ class Pipeline:
         while not self._stop.wait(ACCEL_RETRY_S):
             if self.choice.backend.name != CPU_BACKEND:
                 return
-            model = self.model
             try:
-                choice = make_backend(
-                    model, [name], self.choice.backend.threads, accelerator=self.accelerator
-                )
+                choice = self._open_backend(self.model, [name])
             except Exception as exc:  # noqa: BLE001
                 log.info("%s still unavailable: %s", name, exc)
                 continue
-            pre = Preprocessor(model.manifest, choice.backend.input)
-            post = make_postprocessor(model.manifest, choice.backend.outputs)
-            with self._lock:
-                self._pending_model = (model, choice, pre, post)
+            self._queue_swap(self.model, choice)
             self.notify(f"{name} is back: running on it again")
             log.warning("%s is back", name)
             return
@@ -641,6 +647,7 @@ def build_pipeline(
         options,
         backend_order=list(board.backend["order"]),
         accelerator=accelerator,
+        engine_cache=engine_cache,
     )
     for notice in notices:
         pipeline.notify(notice)

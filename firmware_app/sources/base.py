@@ -122,27 +122,23 @@ class Source:
         return frame
 
 
-def int_param(uri: str, params: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
-    """Read an integer query parameter of a source URI, or raise BadSource naming it."""
+def _num_param(uri: str, params: dict[str, str], name: str, default, minimum, kind: type, what: str):
     if name not in params:
         return default
     try:
-        value = int(params[name])
+        value = kind(params[name])
     except ValueError:
-        raise BadSource(f"source {uri!r}: {name}={params[name]!r} is not an integer") from None
-    if value < minimum:
+        raise BadSource(f"source {uri!r}: {name}={params[name]!r} is not {what}") from None
+    if not value >= minimum:  # also refuses nan
         raise BadSource(f"source {uri!r}: {name}={value} must be >= {minimum}")
     return value
+
+
+def int_param(uri: str, params: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+    """Read an integer query parameter of a source URI, or raise BadSource naming it."""
+    return _num_param(uri, params, name, default, minimum, int, "an integer")
 
 
 def float_param(uri: str, params: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     """Read a number query parameter of a source URI, or raise BadSource naming it."""
-    if name not in params:
-        return default
-    try:
-        value = float(params[name])
-    except ValueError:
-        raise BadSource(f"source {uri!r}: {name}={params[name]!r} is not a number") from None
-    if not value >= minimum:
-        raise BadSource(f"source {uri!r}: {name}={value} must be >= {minimum}")
-    return value
+    return _num_param(uri, params, name, default, minimum, float, "a number")

@@ -3,6 +3,13 @@
 Pure and precomputed: the colour conversion, the resize and one 256-entry lookup table that maps uint8
 pixel values straight to the quantized (or float) input values are fixed when the model is loaded, so a
 frame costs one resize and one table lookup: no float round trip for an int8 model.
+
+The resize is ``resize_area``: OpenCV's ``INTER_AREA`` (box average), the model-building contract. OpenCV
+does a downscale by a non-integer factor in both axes with its generic 2-D path (~1.6 ns a source pixel);
+the box average is separable, so it is done one axis at a time, the axis that shrinks most first: the same
+weights, each output within one step of rounding of the direct resize, and 640x480 -> 128x128 in 0.3
+instead of 0.5 ms. Integer factors take OpenCV's direct path (exact). A colour frame for a grayscale model
+is converted before the resize (one channel to average, not three).
 """
 
 from __future__ import annotations
@@ -26,6 +33,19 @@ def input_lut(spec: TensorSpec, value_range: tuple[float, float]) -> np.ndarray:
     info = np.iinfo(spec.dtype)
     q = np.round(real / spec.scale) + spec.zero_point
     return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def resize_area(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 image -> ``size`` (w, h): ``INTER_AREA`` down (one axis at a time, see above), ``INTER_LINEAR`` up."""
+    w, h = size
+    ph, pw = pixels.shape[:2]
+    if pw < w or ph < h:
+        return cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR)
+    if (pw % w or ph % h) and pw != w and ph != h:
+        # the area average is separable: the axis that shrinks most first leaves the least for the other
+        first = (w, ph) if pw * h >= ph * w else (pw, h)
+        pixels = cv2.resize(pixels, first, interpolation=cv2.INTER_AREA)
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
 class Preprocessor:
@@ -59,10 +79,10 @@ class Preprocessor:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 HxW or HxWx3 (BGR) -> tensor [1, H, W, C]. Returns a buffer reused by the next call."""
-        h, w = pixels.shape[:2]
-        down = w >= self.size[0] and h >= self.size[1]
-        img = cv2.resize(pixels, self.size, interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
-        img = self._to_model_color(img)
+        if self.color == "gray" and pixels.ndim == 3:
+            img = resize_area(cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY), self.size)
+        else:
+            img = self._to_model_color(resize_area(pixels, self.size))
         out = self._out.reshape(img.shape)
         if self._lut_u8 is not None:
             cv2.LUT(img, self._lut_u8, dst=out.view(np.uint8))

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 
 
@@ -57,7 +58,9 @@ class Result:
     frame_id is the id of the frame it was computed from: the display draws it only on that frame.
     label/confidence: the top finding (calibrated probability), or None when nothing is found.
     alert: the finding crosses the alert threshold in force.
-    mask: uint8 0/1 HxW segmentation of the finding (segmentation).
+    mask: uint8 0/1 segmentation of the finding (segmentation), at the model's output resolution: each of
+      its pixels covers its share of the frame (nearest neighbour); ``mask_at(w, h)`` gives it at the
+      frame's size. Drawing and exporting stretch it; nothing per frame pays for a full-size copy.
     contours: list of int32 Nx2 (x, y) polygons of the mask outline (segmentation).
     heatmap: float32 hxw in [0, 1] (classification with a class-activation output), any size; the
       display stretches it over the frame.
@@ -78,4 +81,17 @@ class Result:
     boxes: tuple[Box, ...] = ()
     centroid: tuple[float, float] | None = None
     area_fraction: float | None = None
+
     t_done_ns: int = 0
+
+    def mask_at(self, width: int, height: int) -> np.ndarray | None:
+        """The mask as uint8 0/1, ``height`` x ``width`` (nearest neighbour), or None without one."""
+        if self.mask is None:
+            return None
+        m = np.asarray(self.mask)
+        if m.ndim == 3:
+            m = m[:, :, 0]
+        m = (m > 0).view(np.uint8)
+        if m.shape != (height, width):
+            m = cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST)
+        return m

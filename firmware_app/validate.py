@@ -572,7 +572,7 @@ class _Segmentation(_Task):
         truth = _load_mask(case.mask_path, (h, w))
         raw = int8.raw(pixels)
         r = int8.result(raw, (w, h), self.threshold)
-        pred = r.mask if r.mask is not None else np.zeros((h, w), np.uint8)
+        pred = r.mask_at(w, h) if r.mask is not None else np.zeros((h, w), np.uint8)
         pb, tb = pred.astype(bool), truth.astype(bool)
         inter, psum, tsum = int((pb & tb).sum()), int(pb.sum()), int(tb.sum())
         union = psum + tsum - inter
@@ -591,7 +591,7 @@ class _Segmentation(_Task):
         self.rows.append((inter, psum, tsum, float(tsum > 0), float(r.alert), fp_regions, union))
         if flt is not None:
             rf = flt.result(flt.raw(pixels), (w, h), self.threshold)
-            mf = rf.mask if rf.mask is not None else np.zeros((h, w), np.uint8)
+            mf = rf.mask_at(w, h) if rf.mask is not None else np.zeros((h, w), np.uint8)
             self.agree_num += float(np.count_nonzero((mf > 0) == pb))
             self.agree_den += float(h * w)
             self.agree_cases += 1

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from firmware_app.backends.edgetpu import EdgeTpu, MockEdgeTpu
 from firmware_app.backends.litert import LiteRTBackend
 from firmware_app.errors import BackendUnavailable, BadModel
 from firmware_app.models.store import find_model
-from firmware_app.preprocess import Preprocessor, input_lut
+from firmware_app.preprocess import Preprocessor, input_lut, resize_area
 
 
 def test_float_model_reads_float_tensors(float_model_dir: Path):
@@ -94,6 +95,48 @@ def test_preprocess_resizes_converts_and_quantizes(float_model_dir: Path):
     assert (t[0, ..., 2] == 127).all() and (t[0, ..., 0] == -128).all()  # model wants RGB: blue is last
     gray = np.full((8, 8), 255, np.uint8)
     assert (pre(gray) == 127).all()
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [
+        ((640, 480), (128, 128)),
+        ((640, 480), (160, 120)),
+        ((642, 481), (128, 128)),
+        ((1920, 1080), (300, 200)),
+    ],
+)
+def test_resize_area_is_inter_area_to_within_rounding(src, dst):
+    """The fast path (exact 2x2 halvings, then area) keeps the model-building contract, cv2 INTER_AREA."""
+    rng = np.random.default_rng(3)
+    w, h = src
+    img = cv2.GaussianBlur(rng.integers(0, 256, (h, w), dtype=np.uint8), (0, 0), 2)
+    img[h // 3 : h // 2, w // 4 : w // 2] = 255  # sharp edges: where rounding in a halving shows most
+    ref = cv2.resize(img, dst, interpolation=cv2.INTER_AREA).astype(int)
+    out = resize_area(img, dst)
+    assert out.shape == ref.shape and out.dtype == np.uint8
+    diff = np.abs(out.astype(int) - ref)
+    if w % dst[0] == 0 and h % dst[1] == 0:
+        assert diff.max() == 0  # integer factors: OpenCV's own path, exact
+    assert diff.max() <= 1 and diff.mean() < 0.25  # one rounding step at most
+
+
+def test_resize_area_upscales_linearly():
+    img = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))
+    out = resize_area(img, (32, 32))
+    assert out.shape == (32, 32)
+    np.testing.assert_array_equal(out, cv2.resize(img, (32, 32), interpolation=cv2.INTER_LINEAR))
+
+
+def test_preprocess_converts_colour_for_a_gray_model_before_resizing(float_model_dir: Path):
+    model = find_model(str(float_model_dir))
+    s = TensorSpec(0, "in", (1, 16, 16, 1), np.dtype(np.uint8), 1 / 255, 0)
+    m = model.manifest.__class__(**{**model.manifest.__dict__, "width": 16, "height": 16, "color": "gray"})
+    pre = Preprocessor(m, s)
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    want = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), (16, 16), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(pre(bgr)[0, ..., 0], want)
 
 
 def test_preprocess_rejects_manifest_that_disagrees_with_tensor(float_model_dir: Path):

@@ -9,7 +9,9 @@ import pytest
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import parse_manifest
+from firmware_app.stats import dice, upscaled_dice
 from firmware_app.tasks import make_postprocessor
+from firmware_app.types import Result
 
 SEG = {
     "id": "seg",
@@ -41,8 +43,10 @@ def test_segmentation_int8_two_channel_softmax_maps_to_frame():
     post = make_postprocessor(manifest(), [spec])
     r = post([raw], 7, (80, 40), 0.5)
     assert r.frame_id == 7 and r.label == "fluid" and r.alert
-    assert r.mask.shape == (40, 80)
-    ys, xs = np.nonzero(r.mask)
+    assert r.mask.shape == (8, 8)  # the model's resolution; mask_at stretches it over the frame
+    full = r.mask_at(80, 40)
+    assert full.shape == (40, 80) and full.dtype == np.uint8
+    ys, xs = np.nonzero(full)
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10, 19, 40, 79)
     assert r.area_fraction == pytest.approx(8 / 64)
     assert r.centroid == pytest.approx((60.0, 15.0))
@@ -187,5 +191,23 @@ def test_integer_fast_path_equals_the_float_path(channels, activation, calibrati
         slow_mask = cv2.resize(
             (probs > threshold).astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST
         )
-        assert np.array_equal(fast.mask, slow_mask)
+        assert np.array_equal(fast.mask_at(32, 32), slow_mask)
         assert fast.confidence == pytest.approx(float(probs.max()), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "frame, mask", [((640, 480), (128, 128)), ((641, 479), (128, 100)), ((320, 240), (160, 120))]
+)
+def test_upscaled_dice_is_the_dice_of_the_full_size_mask(frame, mask):
+    """The pipeline's per-frame Dice touches only the mask's bounding box, and equals the full-size figure."""
+    fw, fh = frame
+    mw, mh = mask
+    rng = np.random.default_rng(fw)
+    truth = np.zeros((fh, fw), np.uint8)
+    cv2.circle(truth, (fw // 2, fh // 3), fw // 6, 1, -1)
+    small = (cv2.resize(truth.astype(np.float32), mask, interpolation=cv2.INTER_AREA) > 0.5).astype(np.uint8)
+    small[rng.integers(0, mh, 5), rng.integers(0, mw, 5)] = 1  # stray pixels: a wide bounding box
+    r = Result(0, "segmentation", "fluid", 0.9, mask=small)
+    assert upscaled_dice(small, truth) == dice(r.mask_at(fw, fh), truth)
+    assert upscaled_dice(np.zeros_like(small), truth) == 0.0
+    assert upscaled_dice(np.zeros_like(small), np.zeros_like(truth)) == 1.0

@@ -382,17 +382,11 @@ def overlay_image(cap: Capture, eq: Equipment, source: Any) -> Any:
 
 
 def _frame_mask(cap: Capture) -> np.ndarray | None:
-    r = cap.result
-    if r is None or r.mask is None:
+    if cap.result is None:
         return None
-    m = np.asarray(r.mask)
-    if m.ndim == 3:
-        m = m[:, :, 0]
     h, w = cap.pixels.shape[:2]
-    if m.shape != (h, w):
-        m = cv2.resize((m > 0).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-    m = (m > 0).astype(np.uint8)
-    return m if m.any() else None
+    m = cap.result.mask_at(w, h)
+    return m if m is not None and m.any() else None
 
 
 def segmentation(cap: Capture, eq: Equipment, source: Any) -> Any | None:

@@ -41,16 +41,6 @@ def _as_bgr(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(px[:, :, :3]).copy()
 
 
-def _fit_mask(mask: np.ndarray, w: int, h: int) -> np.ndarray:
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m[:, :, 0]
-    m = (m > 0).astype(np.uint8)
-    if m.shape != (h, w):
-        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
-    return m
-
-
 def draw_result(image: np.ndarray, result: Result) -> np.ndarray:
     """Draw ``result`` onto ``image`` (BGR uint8, same size as the frame it was computed on), in place."""
     h, w = image.shape[:2]
@@ -61,8 +51,8 @@ def draw_result(image: np.ndarray, result: Result) -> np.ndarray:
         color = cv2.applyColorMap((heat * 255 + 0.5).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
         a = (heat * HEATMAP_ALPHA)[:, :, None]
         image[...] = (image * (1 - a) + color * a + 0.5).astype(np.uint8)
-    if result.mask is not None:
-        m = _fit_mask(result.mask, w, h)
+    m = result.mask_at(w, h)
+    if m is not None:
         if m.any():
             tint = cv2.addWeighted(image, 1 - SEG_ALPHA, np.full_like(image, ACCENT), SEG_ALPHA, 0)
             cv2.copyTo(tint, m, image)

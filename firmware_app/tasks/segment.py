@@ -1,8 +1,9 @@
 """Segmentation: probability map -> mask, area, centroid, contour and max probability of the finding.
 
 One output channel is the probability of ``labels[1]``; C channels are one per label and the finding is the
-non-background label with the largest area. Thresholding and contours run at the model's resolution; only
-the final mask is scaled to the frame (nearest neighbour) and contours are scaled as coordinates.
+non-background label with the largest area. Everything runs at the model's resolution: the mask stays there
+(``Result.mask_at`` stretches it when a full-size copy is wanted), contours and centroid are scaled to frame
+coordinates as numbers.
 """
 
 from __future__ import annotations
@@ -38,29 +39,31 @@ class Segmenter:
         """For an int8/uint8 output with one finding label: a table from the raw output value(s) of a pixel
         to its calibrated probability, built once, so a frame costs one table lookup, not float maps.
 
-        One channel: 256 entries. Two channels ([background, finding], softmax or probabilities, with any
-        calibration): 256 x 256 entries indexed by both raw values. Returns (None, None) for float outputs
-        or several finding labels.
+        One channel: 256 entries indexed by the raw byte. Two channels ([background, finding], softmax or
+        probabilities, with any calibration): 65536 entries indexed by the pixel's two bytes read as one
+        little-endian uint16. Returns (None, None) for float outputs or several finding labels.
         """
         spec, cal, act = self.spec, self.m.calibration, self.m.activation
         if not spec.quantized or self.channels > 2:
             return None, None
         info = np.iinfo(spec.dtype)
         real = spec.dequantize(np.arange(info.min, info.max + 1))
-        n = real.size
+        # a raw byte b (the tensor's int8/uint8 value read as uint8) -> its position in ``real``
+        pos = np.arange(256, dtype=np.uint8).view(spec.dtype).astype(np.int64) - info.min
         if self.channels == 1:
-            table = probabilities(real.reshape(-1, 1), act if act != "softmax" else "sigmoid", cal)[:, 0]
+            table = probabilities(real.reshape(-1, 1), act if act != "softmax" else "sigmoid", cal)[:, 0][pos]
 
             def score(raw):
-                return raw[0, ..., 0].astype(np.int32) - info.min
+                return raw[0, ..., 0].view(np.uint8)
 
         else:
             pairs = np.stack(np.meshgrid(real, real, indexing="ij"), axis=-1).reshape(-1, 2)
-            table = probabilities(pairs, act, cal, axis=-1)[:, 1]
+            by_pair = probabilities(pairs, act, cal, axis=-1)[:, 1]
+            lo, hi = np.meshgrid(pos, pos, indexing="xy")  # uint16 value hi*256+lo: lo = channel 0
+            table = by_pair[(lo * real.size + hi).reshape(-1)]
 
             def score(raw):
-                r = raw[0].astype(np.int32) - info.min
-                return r[..., 0] * n + r[..., 1]
+                return np.ascontiguousarray(raw[0]).view("<u2")[..., 0]
 
         return table.astype(np.float32), score
 
@@ -92,7 +95,8 @@ class Segmenter:
         label = self.m.labels[k + 1]
         fw, fh = frame_size
         mh, mw = self.out_hw
-        if not small.any():
+        mom = cv2.moments(small, binaryImage=True)
+        if mom["m00"] == 0:
             return Result(
                 frame_id=frame_id,
                 task="segmentation",
@@ -100,7 +104,7 @@ class Segmenter:
                 confidence=top,
                 alert=False,
                 probabilities=max_per_label,
-                mask=np.zeros((fh, fw), np.uint8),
+                mask=small,
                 area_fraction=0.0,
             )
         sx, sy = fw / mw, fh / mh
@@ -110,8 +114,6 @@ class Segmenter:
         frame_contours = tuple(
             (c.reshape(-1, 2).astype(np.float32) * scale + offset).astype(np.int32) for c in contours
         )
-        mask = cv2.resize(small, (fw, fh), interpolation=cv2.INTER_NEAREST)
-        mom = cv2.moments(small, binaryImage=True)
         centroid = ((mom["m10"] / mom["m00"] + 0.5) * sx, (mom["m01"] / mom["m00"] + 0.5) * sy)
         confidence = top  # the highest probability lies inside the mask whenever the mask is not empty
         return Result(
@@ -121,8 +123,8 @@ class Segmenter:
             confidence=confidence,
             alert=True,  # the mask holds pixels above the threshold in force
             probabilities=max_per_label,
-            mask=mask,
+            mask=small,
             contours=frame_contours,
             centroid=(float(centroid[0]), float(centroid[1])),
-            area_fraction=float(small.mean()),
+            area_fraction=float(mom["m00"]) / small.size,
         )

@@ -46,46 +46,60 @@ log = logging.getLogger(__name__)
 _END = object()  # end of stream marker passed down the slots
 MESSAGE_SECONDS = 15.0
 NO_SIGNAL_REFRESH_S = 0.5
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 0.5  # the inference loop wakes at least this often, frames or not
 CPU_BACKEND = "litert-cpu"
-ACCEL_RETRY_S = 5.0  # how often a failed accelerator is tried again  # the inference loop wakes at least this often, frames or not
+ACCEL_RETRY_S = 5.0  # how often a failed accelerator is tried again
+READOUT_S = 0.5  # the screen's frame rate and latency readout is refreshed this often
+READ_AHEAD = 4  # frames a finite source (file, DICOM, unpaced phantom) is read ahead of inference
 
 
 class Slot:
-    """A one-item hand-over between two threads.
+    """A hand-over between two threads that wakes the other side only when it is waiting for it.
 
-    Lossy: ``put`` replaces an item not yet taken (counted in ``dropped``). Lossless: ``put`` waits until
-    the consumer has taken the previous item. ``close`` wakes everybody; ``get`` then returns _END.
+    Lossy (one item): ``put`` replaces an item not yet taken (counted in ``dropped``). Lossless (up to
+    ``depth`` items): ``put`` waits while the queue is full, and a waiting producer is woken once the
+    consumer has taken half of it: it refills in a burst instead of being woken for every item, which on a
+    small board would take a core from the model's worker threads in the middle of each invoke.
+    ``close`` wakes everybody; ``get`` then returns what is left, then _END.
     """
 
-    def __init__(self, lossless: bool) -> None:
+    def __init__(self, lossless: bool, depth: int = 1) -> None:
         self.lossless = lossless
+        self.depth = max(1, depth) if lossless else 1
         self._cv = threading.Condition()
-        self._item: Any = None
-        self._full = False
+        self._items: deque[Any] = deque()
         self._closed = False
+        self._producer_waits = False
+        self._consumer_waits = False
         self.dropped = 0
 
     def put(self, item: Any) -> None:
         with self._cv:
             if self.lossless or item is _END:  # the end marker never replaces a real item
-                while self._full and not self._closed:
+                while len(self._items) >= self.depth and not self._closed:
+                    self._producer_waits = True
                     self._cv.wait()
-            elif self._full:
+                    self._producer_waits = False
+            elif self._items:
+                self._items.pop()
                 self.dropped += 1
             if self._closed:
                 return
-            self._item, self._full = item, True
-            self._cv.notify_all()
+            self._items.append(item)
+            if self._consumer_waits:
+                self._cv.notify_all()
 
     def get(self, timeout: float | None = None) -> Any:
-        """The item, or None after ``timeout`` seconds, or _END once closed and drained."""
+        """The oldest item, or None after ``timeout`` seconds, or _END once closed and drained."""
         with self._cv:
-            if not self._full and not self._closed:
+            if not self._items and not self._closed:
+                self._consumer_waits = True
                 self._cv.wait(timeout)
-            if self._full:
-                item, self._item, self._full = self._item, None, False
-                self._cv.notify_all()
+                self._consumer_waits = False
+            if self._items:
+                item = self._items.popleft()
+                if self._producer_waits and len(self._items) <= self.depth // 2:
+                    self._cv.notify_all()
                 return item
             return _END if self._closed else None
 
@@ -93,6 +107,17 @@ class Slot:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame's input tensor, made on the capture thread by ``preprocess`` in ``ns`` nanoseconds
+    (``cpu_ns`` of them on the CPU)."""
+
+    preprocess: Preprocessor
+    tensor: Any
+    ns: int
+    cpu_ns: int
 
 
 @dataclass
@@ -139,17 +164,20 @@ class Pipeline:
         self.postprocess = make_postprocessor(m, backend.outputs)
         self.threshold = m.alert
         self.ai_enabled = True
-        self.times = RollingTimes(self.options.stats_window)
+        self.times = RollingTimes(self.options.stats_window)  # wall clock per stage (and end to end)
+        self.cpu_times = RollingTimes(self.options.stats_window)  # CPU time of the thread doing the stage
         self.counters = Counters()
         self._lock = threading.Lock()
         self._messages: deque[tuple[float, str]] = deque(maxlen=8)
         for notice in self.choice.notices:
             self.notify(notice)
+        # a finite source is read ahead a few frames (every frame is analysed); a live one keeps the newest.
+        # Results are always "newest wins": the screen shows at most display_fps of them, and every result
+        # has already gone to the listeners (recorder, alerts, serial) on the inference thread.
         lossless = not self.source.live
-        self._raw = Slot(lossless)
-        self._results = Slot(lossless)
+        self._raw = Slot(lossless, depth=READ_AHEAD if lossless else 1)
+        self._results = Slot(lossless=False)
         self._latest_raw: Frame | None = None
-        self._superseded = 0  # results held for the screen and replaced by a newer one before shown
         self._last_shown: tuple[Frame | None, Result | None, Result | None] | None = None
         self._no_signal_since: float | None = None
         self._stop = threading.Event()
@@ -161,6 +189,7 @@ class Pipeline:
         self._retry_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._shown_rate = RateMeter()
+        self._readout: tuple[float, float | None, float | None] = (-READOUT_S, None, None)  # (t, fps, ms)
         self.t_start_ns = time.monotonic_ns()
         self.t_first_result_shown_ns: int | None = None
 
@@ -333,19 +362,40 @@ class Pipeline:
             with self._lock:
                 self.counters.frames_in += 1
             self._latest_raw = frame
-            self._raw.put(frame)
+            self._raw.put((frame, self._prepare(frame)))
         self._raw.put(_END)
+
+    def _prepare(self, frame: Frame) -> Prepared | None:
+        """Pre-process on the capture thread, overlapped with the inference of the previous frame.
+
+        Tagged with the preprocessor used: after a model swap or a fall-back to the CPU the inference
+        thread does it again for the new input tensor. A frame that cannot be pre-processed is left to the
+        inference thread, which reports it like any failed frame.
+        """
+        if self.frozen or not self.ai_enabled:
+            return None
+        pre = self.preprocess
+        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
+        try:
+            tensor = pre(frame.pixels, out=pre.new_buffer())
+        except Exception:  # noqa: BLE001 - reported by the inference thread, which tries again
+            return None
+        return Prepared(pre, tensor, time.monotonic_ns() - t0, time.thread_time_ns() - c0)
 
     def no_signal(self) -> bool:
         since = self._no_signal_since
         return since is not None and (time.monotonic() - since) * 1000 >= self.options.no_signal_after_ms
 
     # -- inference ---------------------------------------------------------------------------------
-    def infer(self, frame: Frame) -> Result:
-        """preprocess -> invoke -> postprocess for one frame, each stage timed."""
-        t0 = time.monotonic_ns()
-        tensor = self.preprocess(frame.pixels)
-        t1 = time.monotonic_ns()
+    def infer(self, frame: Frame, prepared: Prepared | None = None) -> Result:
+        """preprocess (unless ``prepared`` by the capture thread) -> invoke -> postprocess, each stage timed."""
+        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
+        if prepared is not None and prepared.preprocess is self.preprocess:
+            tensor, t1, pre_ns, pre_cpu = prepared.tensor, t0, prepared.ns, prepared.cpu_ns
+        else:
+            tensor = self.preprocess(frame.pixels)
+            t1 = time.monotonic_ns()
+            pre_ns, pre_cpu = t1 - t0, time.thread_time_ns() - c0
         try:
             raw = self.choice.backend.invoke(tensor)
         except Exception as exc:  # noqa: BLE001 - an accelerator pulled out mid-run
@@ -354,13 +404,15 @@ class Pipeline:
             self._fall_back_to_cpu(exc)
             tensor = self.preprocess(frame.pixels)
             raw = self.choice.backend.invoke(tensor)  # the same frame, on the CPU
-        t2 = time.monotonic_ns()
+        t2, c2 = time.monotonic_ns(), time.thread_time_ns()
         result = self.postprocess(raw, frame.id, (frame.width, frame.height), self.threshold)
-        t3 = time.monotonic_ns()
+        t3, c3 = time.monotonic_ns(), time.thread_time_ns()
         self.times.add_ns("queue", frame.t_capture_ns, t0)
-        self.times.add_ns("preprocess", t0, t1)
+        self.times.add_ns("preprocess", 0, pre_ns)
         self.times.add_ns("invoke", t1, t2)
         self.times.add_ns("postprocess", t2, t3)
+        self.cpu_times.add_ns("preprocess", 0, pre_cpu)
+        self.cpu_times.add_ns("postprocess", c2, c3)
         return result
 
     def _fall_back_to_cpu(self, exc: Exception) -> None:
@@ -405,13 +457,14 @@ class Pipeline:
     def _inference_loop(self) -> None:
         max_frames = self.options.max_frames
         while True:
-            frame = self._raw.get(timeout=HEARTBEAT_S)
+            item = self._raw.get(timeout=HEARTBEAT_S)
             if self.heartbeat is not None:
                 self.heartbeat()  # the loop is alive (the systemd watchdog is fed from here), even with no frames
-            if frame is _END or frame is None and self._stop.is_set():
+            if item is _END or self._stop.is_set():
                 break
-            if frame is None:
+            if item is None:
                 continue
+            frame, prepared = item
             if self.frozen:
                 continue  # the screen holds the frozen image; live frames are not inferred meanwhile
             self._apply_pending_model()
@@ -419,7 +472,7 @@ class Pipeline:
                 self._results.put((frame, None))
                 continue
             try:
-                result = self.infer(frame)
+                result = self.infer(frame, prepared)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the device
                 log.exception("inference failed on frame %d", frame.id)
                 self.notify(f"Inference failed on frame {frame.id}: {exc}")
@@ -448,8 +501,11 @@ class Pipeline:
         self, frame: Frame | None, result: Result | None, stale: Result | None, pending: bool
     ) -> ScreenState:
         m = self.model.manifest
-        fps = self._shown_rate.rate()
-        e2e = self.times.percentiles("e2e")
+        now = time.monotonic()
+        if now - self._readout[0] >= READOUT_S:  # a readout that changes twice a second can be read
+            e2e = self.times.percentiles("e2e")
+            self._readout = (now, self._shown_rate.rate(), e2e["p50"] if e2e else None)
+        _, fps, latency = self._readout
         return ScreenState(
             frame=frame,
             result=result,
@@ -464,7 +520,7 @@ class Pipeline:
             backend=self.choice.backend.name,
             task=m.task,
             fps=fps,
-            latency_ms=e2e["p50"] if e2e else None,
+            latency_ms=latency,
             threshold=self.threshold,
             messages=self.messages(),
             frozen=self.frozen,
@@ -479,9 +535,9 @@ class Pipeline:
 
     def _show(self, state: ScreenState, frame: Frame | None) -> None:
         self._last_shown = (frame, state.result, state.stale_result)
-        t0 = time.monotonic_ns()
+        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
         canvas = self.screen.render(state)
-        t1 = time.monotonic_ns()
+        t1, c1 = time.monotonic_ns(), time.thread_time_ns()
         for d in list(self.displays):
             try:
                 d.show(canvas)
@@ -495,6 +551,8 @@ class Pipeline:
         t2 = time.monotonic_ns()
         self.times.add_ns("render", t0, t1)
         self.times.add_ns("display", t1, t2)
+        self.cpu_times.add_ns("render", c0, c1)
+        self.cpu_times.add_ns("display", c1, time.thread_time_ns())
         self._shown_rate.tick(t2)
         with self._lock:
             self.counters.frames_shown += 1
@@ -506,30 +564,29 @@ class Pipeline:
     def _present_loop(self) -> None:
         """Show each result on its own frame, at most at the display's refresh rate.
 
-        A result that arrives less than a refresh period after the last one shown is held, and replaced by
-        a newer one if that comes first (counted as dropped): the screen cannot show more, and rendering
-        what nobody sees would take CPU from the model. The last result of a run is always shown.
+        After a picture, this thread sleeps until the screen can take the next one; results that arrive
+        meanwhile replace each other in the slot without waking it (counted in results_not_shown): the
+        screen cannot show more, and rendering or even waking up for what nobody sees would take CPU from
+        the model. A finite run's last result is always shown.
         """
         stale_s = self.options.stale_after_ms / 1000.0
         period = 1.0 / max(self.options.display_fps, 1.0)
         min_gap = 0.8 * period  # absorbs the jitter of a source running at the display's rate
         last_result: Result | None = None
         last_result_t = time.monotonic()
-        last_show_t = 0.0
+        last_show_t = -min_gap
         last_shown_id = -1
         last_idle_show = 0.0  # when the NO SIGNAL screen was last refreshed
         shown_frozen = False
-        held: tuple[Frame, Result | None] | None = None
         while True:
-            timeout = period if held is None else max(0.0, last_show_t + min_gap - time.monotonic())
-            item = self._results.get(timeout=timeout)
+            rest = last_show_t + min_gap - time.monotonic()
+            if rest > 0:
+                self._stop.wait(rest)
+            item = self._results.get(timeout=period)
             if item is _END:
-                if held is not None:
-                    self._show_item(held)
                 break
             now = time.monotonic()
             if self.frozen:
-                held = None
                 if not shown_frozen and self._last_shown is not None:  # the same picture, marked FROZEN
                     frame, result, stale = self._last_shown
                     self._show(self._state(frame, result, stale, False), None)
@@ -539,15 +596,10 @@ class Pipeline:
                 shown_frozen = False
                 last_result_t = now  # the model needs a moment after unfreezing: not "pending" yet
             if item is not None:
-                if held is not None:
-                    self._superseded += 1
-                held = item
-                if held[1] is not None:
-                    last_result, last_result_t = held[1], now
-            if held is not None:
-                if now - last_show_t >= min_gap:
-                    self._show_item(held)
-                    last_shown_id, last_show_t, held = held[0].id, now, None
+                if item[1] is not None:
+                    last_result, last_result_t = item[1], now
+                self._show_item(item)
+                last_shown_id, last_show_t = item[0].id, now
                 continue
             if self._stop.is_set():
                 break
@@ -573,11 +625,12 @@ class Pipeline:
             # captured but never inferred: a live source outran the model (the newest frame wins)
             "frames_dropped": self._raw.dropped,
             # inferred, then superseded by a newer result before the screen's next refresh
-            "results_not_shown": self._results.dropped + self._superseded,
+            "results_not_shown": self._results.dropped,
             "frames_rejected": c.frames_rejected,
             "mismatched_overlays": self.screen.mismatched_overlays,
             "errors": c.errors,
             "stages_ms": self.times.summary(),
+            "cpu_ms": self.cpu_times.summary(),
             "model": f"{m.id}@{m.version}",
             "backend": self.choice.backend.name,
             "threads": self.choice.backend.threads,

@@ -77,15 +77,20 @@ class Preprocessor:
             return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)  # same bytes as RGB for gray
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if self.color == "rgb" else img
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 HxW or HxWx3 (BGR) -> tensor [1, H, W, C]. Returns a buffer reused by the next call."""
+    def new_buffer(self) -> np.ndarray:
+        """A tensor buffer of the model's input shape and type, for ``__call__(pixels, out=...)``."""
+        return np.empty(self.spec.shape, dtype=self.spec.dtype)
+
+    def __call__(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 HxW or HxWx3 (BGR) -> tensor [1, H, W, C], in ``out`` or in a buffer reused by the next call."""
         if self.color == "gray" and pixels.ndim == 3:
             img = resize_area(cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY), self.size)
         else:
             img = self._to_model_color(resize_area(pixels, self.size))
-        out = self._out.reshape(img.shape)
+        tensor = self._out if out is None else out
+        dst = tensor.reshape(img.shape)
         if self._lut_u8 is not None:
-            cv2.LUT(img, self._lut_u8, dst=out.view(np.uint8))
+            cv2.LUT(img, self._lut_u8, dst=dst.view(np.uint8))
         else:
-            np.take(self.lut, img, out=out)
-        return self._out
+            np.take(self.lut, img, out=dst)
+        return tensor

@@ -47,3 +47,4 @@ def test_bench_json_has_every_contract_field(capsys, tmp_path, float_model_dir):
     assert set(result["invoke_ms"]) == {"p50", "p99"} and set(result["e2e_latency_ms"]) == {"p50", "p99"}
     assert result["startup_s"] is not None and 0 < result["startup_s"] < 30
     assert result["rss_mb"] > 0
+    assert set(result["invoke_ms_paced"]) == {"p50", "p99"} and result["overhead_ms_p50"] > 0

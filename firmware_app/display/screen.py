@@ -584,9 +584,11 @@ class Screen:
         if state.ai_off:
             return _Finding("off")
         if matched is not None:
-            return _Finding("result", matched.label, matched.confidence, bool(matched.alert), _where(matched))
+            return _Finding(
+                "result", matched.label, _shown_pct(matched.confidence), matched.alert, _where(matched)
+            )
         if older is not None:
-            return _Finding("stale", older.label, older.confidence, bool(older.alert), _where(older))
+            return _Finding("stale", older.label, _shown_pct(older.confidence), older.alert, _where(older))
         if state.ai_pending:
             return _Finding("pending")
         return _Finding("none")
@@ -700,6 +702,12 @@ def _fmt(value: float | None, digits: int) -> str:
     if value is None or not math.isfinite(value):
         return "—"
     return f"{value:.{digits}f}"
+
+
+def _shown_pct(confidence: float | None) -> float | None:
+    """The confidence as the screen shows it (whole percent): the finding section's cache key changes only
+    when what it shows does."""
+    return None if confidence is None else float(f"{confidence * 100:.0f}") / 100
 
 
 def _where(r: Result) -> tuple[str, ...]:

@@ -6,10 +6,13 @@ frame costs one resize and one table lookup: no float round trip for an int8 mod
 
 The resize is ``resize_area``: OpenCV's ``INTER_AREA`` (box average), the model-building contract. OpenCV
 does a downscale by a non-integer factor in both axes with its generic 2-D path (~1.6 ns a source pixel);
-the box average is separable, so it is done one axis at a time, the axis that shrinks most first: the same
-weights, each output within one step of rounding of the direct resize, and 640x480 -> 128x128 in 0.3
-instead of 0.5 ms. Integer factors take OpenCV's direct path (exact). A colour frame for a grayscale model
-is converted before the resize (one channel to average, not three).
+the box average is separable, so it is done one axis at a time: an integer factor as a vectorised box
+filter read every k pixels, else the axis that shrinks most first. The same weights, each output within
+one step of rounding of the direct resize, and 640x480 -> 128x128 in 0.2 instead of 0.5 ms. On the
+us-fluid-seg phantom (150 frames) 93.9 % of the input values are identical to a direct ``INTER_AREA``, the
+rest one step apart; 99.8 % of the raw outputs are within one step and Dice is 0.9581 (direct: 0.9578).
+Integer factors in both axes take OpenCV's direct path (exact). A colour frame for a grayscale model is
+converted before the resize (one channel to average, not three).
 """
 
 from __future__ import annotations
@@ -41,11 +44,20 @@ def resize_area(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     ph, pw = pixels.shape[:2]
     if pw < w or ph < h:
         return cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR)
-    if (pw % w or ph % h) and pw != w and ph != h:
-        # the area average is separable: the axis that shrinks most first leaves the least for the other
+    if (pw % w == 0 and ph % h == 0) or pw == w or ph == h:
+        return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)  # OpenCV's own fast or 1-D path
+    # the box average is separable: an axis with an integer factor k is a k-pixel box filter read every k
+    # pixels (vectorised); otherwise the axis that shrinks most goes first and leaves least for the other
+    if pw % w == 0:
+        k = pw // w
+        pixels = cv2.blur(pixels, (k, 1), anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)[:, ::k]
+    elif ph % h == 0:
+        k = ph // h
+        pixels = cv2.blur(pixels, (1, k), anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)[::k]
+    else:
         first = (w, ph) if pw * h >= ph * w else (pw, h)
         pixels = cv2.resize(pixels, first, interpolation=cv2.INTER_AREA)
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(np.ascontiguousarray(pixels), size, interpolation=cv2.INTER_AREA)
 
 
 class Preprocessor:

@@ -5,8 +5,9 @@
 
 Data: frames of ``firmware_app.sources.phantom.UltrasoundPhantom`` (training seeds 0..N-1; evaluation and
 golden vectors on seeds from 1_000_000 and 2_000_000 that training never sees). Pre-processing is the
-runtime's contract exactly: whole 640x480 frame -> ``cv2.resize(..., INTER_AREA)`` to the model size ->
-[0, 1] -> quantized with the input tensor's scale and zero point. The runtime's mask is the argmax of the
+runtime's contract: whole 640x480 frame -> ``cv2.resize(..., INTER_AREA)`` to the model size -> [0, 1] ->
+quantized with the input tensor's scale and zero point (the runtime's ``resize_area`` computes the same box
+average one axis at a time, to within one rounding step: see firmware_app/preprocess.py). The runtime's mask is the argmax of the
 [background, fluid] output, resized to the frame with INTER_NEAREST; metrics are measured that way.
 
 Writes into --out: model.tflite (full-integer int8), model_float.tflite, model.onnx (float, via tf2onnx,

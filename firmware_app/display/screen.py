@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,10 @@ BOLD = "sans-bold"
 REGULAR = "sans"
 SEG_ALPHA = 0.33
 HEATMAP_ALPHA = 0.55
+# The finding's measurements (area, centroid, box count) are a numeric readout, refreshed at most this often
+# while the finding itself (label, alert) stays the same: at 30 frames a second they would flicker past
+# unread, and redrawing them is most of a frame's screen time. A change of finding shows at once.
+DETAIL_REFRESH_S = 0.5
 
 
 @dataclass
@@ -177,6 +182,7 @@ class Screen:
         self._accent_plane[:] = ACCENT
         self._draw_static()
         self._keys: dict[str, object] = {}
+        self._detail: tuple[float, object, tuple[str, ...]] | None = None  # (when, finding, lines shown)
         self._geom: tuple[int, int] | None = None
         self.image_rect: Rect | None = None  # where the frame is, on the canvas
         self._area_clean = False  # image area is plain black outside image_rect
@@ -583,15 +589,23 @@ class Screen:
             return _Finding("silent")
         if state.ai_off:
             return _Finding("off")
-        if matched is not None:
-            return _Finding(
-                "result", matched.label, _shown_pct(matched.confidence), matched.alert, _where(matched)
-            )
-        if older is not None:
-            return _Finding("stale", older.label, _shown_pct(older.confidence), older.alert, _where(older))
+        for mode, r in (("result", matched), ("stale", older)):
+            if r is not None:
+                return _Finding(mode, r.label, _shown_pct(r.confidence), r.alert, self._details(mode, r))
         if state.ai_pending:
             return _Finding("pending")
         return _Finding("none")
+
+    def _details(self, mode: str, r: Result) -> tuple[str, ...]:
+        """The finding's measurement lines, held for DETAIL_REFRESH_S while the finding stays the same."""
+        now = time.monotonic()
+        same = (mode, r.label, bool(r.alert))
+        held = self._detail
+        if held is not None and held[1] == same and now - held[0] < DETAIL_REFRESH_S:
+            return held[2]
+        lines = _where(r)
+        self._detail = (now, same, lines)
+        return lines
 
     def _draw_finding(self, v: np.ndarray, f: _Finding) -> None:
         s = self.sz

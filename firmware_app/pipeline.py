@@ -138,6 +138,9 @@ class PipelineOptions:
     no_signal_after_ms: float = 500.0
     stats_window: int = 600
     display_fps: float = 30.0
+    # score each result against a phantom's ground truth (the demo's Dice); a real source has none, and
+    # the bench turns it off to measure what a device runs
+    score_truth: bool = True
 
 
 @dataclass
@@ -482,7 +485,7 @@ class Pipeline:
             with self._lock:
                 self.counters.frames_inferred += 1
                 n = self.counters.frames_inferred
-                if frame.truth is not None and result.mask is not None:
+                if self.options.score_truth and frame.truth is not None and result.mask is not None:
                     self.counters.dice_sum += upscaled_dice(result.mask, frame.truth)
                     self.counters.dice_n += 1
             for listener in self.listeners:

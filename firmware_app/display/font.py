@@ -56,7 +56,8 @@ class TextMask:
     top-left corner at the pen start, so the line box is ``width`` x ``height`` at (0, 0)."""
 
     alpha: np.ndarray  # uint8 coverage of the inked rectangle
-    alpha16: np.ndarray  # the same as uint16 HxWx1, ready to blend
+    weight: np.ndarray  # the same as float32 in [0, 1], ready for cv2.blendLinear
+    inv_weight: np.ndarray  # 1 - weight
     ink_x: int
     ink_y: int
     width: int  # pen advance of the whole string
@@ -203,10 +204,7 @@ class Font:
         placed, pen = self._layout(text, gs)
         width, height = int(round(pen)), gs.line_height
         if not placed:
-            empty = np.zeros((0, 0), np.uint8)
-            return TextMask(
-                empty, empty.reshape(0, 0, 1).astype(np.uint16), 0, 0, width, height, gs.ascent, gs.cap_height
-            )
+            return _empty_mask(width, height, gs)
         x_min = min(x for _, x in placed)
         x_max = max(x + g.bitmap.shape[1] for g, x in placed)
         line = np.zeros((height, x_max - x_min), np.uint8)
@@ -216,14 +214,13 @@ class Font:
         rows = np.flatnonzero(line.any(axis=1))
         cols = np.flatnonzero(line.any(axis=0))
         if rows.size == 0:
-            empty = np.zeros((0, 0), np.uint8)
-            return TextMask(
-                empty, empty.reshape(0, 0, 1).astype(np.uint16), 0, 0, width, height, gs.ascent, gs.cap_height
-            )
+            return _empty_mask(width, height, gs)
         ink = np.ascontiguousarray(line[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+        weight = ink * np.float32(1 / 255)
         return TextMask(
             alpha=ink,
-            alpha16=ink.astype(np.uint16)[:, :, None],
+            weight=weight,
+            inv_weight=1.0 - weight,
             ink_x=x_min + int(cols[0]),
             ink_y=int(rows[0]),
             width=width,
@@ -246,6 +243,11 @@ class Font:
         return text[:lo].rstrip() + ELLIPSIS if lo or self.measure(ELLIPSIS, size_px)[0] <= max_width else ""
 
 
+def _empty_mask(width: int, height: int, gs: GlyphSet) -> TextMask:
+    empty = np.zeros((0, 0), np.float32)
+    return TextMask(empty.astype(np.uint8), empty, empty, 0, 0, width, height, gs.ascent, gs.cap_height)
+
+
 def _origin(mask: TextMask, x: int, y: int, anchor: str) -> tuple[int, int]:
     """Top-left of the line box for an anchor: horizontal l/m/r, vertical t (top of the line box),
     m (middle of the capitals: centres text visually), s (baseline), b (bottom of the line box)."""
@@ -266,9 +268,11 @@ def _origin(mask: TextMask, x: int, y: int, anchor: str) -> tuple[int, int]:
 
 
 def blend_mask(canvas: np.ndarray, mask: TextMask, x: int, y: int, color: tuple[int, int, int] | int) -> None:
-    """Alpha-blend a rendered string whose line box starts at (x, y), clipped to the canvas."""
-    a16 = mask.alpha16
-    h, w = a16.shape[:2]
+    """Alpha-blend a rendered string whose line box starts at (x, y), clipped to the canvas.
+
+    One vectorised ``cv2.blendLinear`` with the weights the mask carries (computed once per cached string).
+    """
+    h, w = mask.alpha.shape[:2]
     if not h or not w:
         return
     x += mask.ink_x
@@ -277,17 +281,14 @@ def blend_mask(canvas: np.ndarray, mask: TextMask, x: int, y: int, color: tuple[
     x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, cw), min(y + h, ch)
     if x0 >= x1 or y0 >= y1:
         return
-    a = a16[y0 - y : y1 - y, x0 - x : x1 - x]
+    sub = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
     roi = canvas[y0:y1, x0:x1]
     if canvas.ndim == 2:
-        a = a[:, :, 0]
-        col = np.uint16(int(color if np.isscalar(color) else color[0]))
+        plane = np.full(roi.shape, int(color if np.isscalar(color) else color[0]), np.uint8)  # type: ignore[index]
     else:
-        col = np.asarray(color, np.uint16).reshape(1, 1, -1)
-    # (roi * (255 - a) + col * a) / 255, rounded, with a shift instead of a division.
-    acc = roi * (255 - a) + col * a + 128
-    acc += acc >> 8
-    roi[...] = acc >> 8
+        plane = np.empty(roi.shape, np.uint8)
+        plane[:] = color
+    roi[...] = cv2.blendLinear(roi, plane, mask.inv_weight[sub], mask.weight[sub])
 
 
 def draw_text(

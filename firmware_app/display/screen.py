@@ -73,6 +73,7 @@ HEATMAP_ALPHA = 0.55
 # while the finding itself (label, alert) stays the same: at 30 frames a second they would flicker past
 # unread, and redrawing them is most of a frame's screen time. A change of finding shows at once.
 DETAIL_REFRESH_S = 0.5
+_JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_JET)[:, 0, :]
 
 
 @dataclass
@@ -493,7 +494,7 @@ class Screen:
         if h.size == 0:
             return
         h = np.clip(h, 0.0, 1.0)
-        color = cv2.applyColorMap((h * 255.0 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
+        color = _JET[(h * 255.0 + 0.5).astype(np.uint8)]  # cv2.applyColorMap builds its table every call
         # Premultiply at the heatmap's (small) resolution, stretch, then two saturating uint8 passes:
         # view = view * (1 - a) + colour * a, with a = HEATMAP_ALPHA * heat.
         a = h * HEATMAP_ALPHA

@@ -161,6 +161,40 @@ def test_detection_boxes_scores_applies_nms():
     assert r.boxes[0].score > r.boxes[1].score
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_detection_int8_fast_path_equals_the_float_path(activation):
+    """Scores looked up from the raw bytes, boxes dequantized only above the threshold: the same boxes."""
+    n = 300
+    specs = [
+        int8_spec((1, n, 4), scale=1 / 255, zp=-128, index=0),
+        int8_spec((1, n, 2), scale=0.05, zp=-1, index=1),
+    ]
+    d = copy.deepcopy(SEG)
+    d.update(task="detection")
+    d["output"] = {"labels": ["background", "nodule"], "activation": activation, "layout": "boxes_scores"}
+    d["calibration"] = {"method": "platt", "a": 2.5, "b": 0.1} if activation == "sigmoid" else {}
+    if not d["calibration"]:
+        del d["calibration"]
+    post = make_postprocessor(parse_manifest(d, "t"), specs)
+    slow = make_postprocessor(parse_manifest(d, "t"), specs)
+    slow._fast = None
+    assert post._fast is not None
+    rng = np.random.default_rng(5)
+    for threshold in (0.25, 0.6):
+        boxes = rng.integers(-128, 128, size=(1, n, 4), dtype=np.int8)
+        boxes[0, :, 2:] = np.maximum(boxes[0, :, 2:], boxes[0, :, :2])  # ymax >= ymin, xmax >= xmin
+        scores = rng.integers(-128, 128, size=(1, n, 2), dtype=np.int8)
+        a, b = (
+            post([boxes, scores], 0, (640, 480), threshold),
+            slow([boxes, scores], 0, (640, 480), threshold),
+        )
+        assert a.boxes and len(a.boxes) == len(b.boxes)
+        for x, y in zip(a.boxes, b.boxes):
+            assert (x.x0, x.y0, x.x1, x.y1, x.label) == pytest.approx((y.x0, y.y0, y.x1, y.y1, y.label))
+            assert x.score == pytest.approx(y.score, abs=1e-6)
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "channels, activation, calibration",
     [

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+from firmware_app.backends.base import TensorSpec
 from firmware_app.models.manifest import Calibration
 
 _EPS = 1e-6
@@ -41,3 +44,40 @@ def probabilities(x: np.ndarray, activation: str, cal: Calibration, axis: int = 
     elif cal.method == "platt":
         z = cal.a * z + cal.b
     return sigmoid(z)
+
+
+def quantized_table(
+    spec: TensorSpec, channels: int, activation: str, cal: Calibration
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]] | None:
+    """For an int8/uint8 output of one or two channels per position ([finding] or [background, finding]):
+    a table from the raw byte(s) of a position to the calibrated probability of the finding, built once, so
+    a frame costs one gather instead of dequantizing and calibrating float maps.
+
+    Returns (table, index): ``table[index(raw)]`` is the probability map of ``raw`` [..., channels]. One
+    channel: 256 entries indexed by the raw byte (a lone channel is a sigmoid logit under "softmax").
+    Two channels (softmax, sigmoid or probabilities, any calibration): 65536 entries indexed by the two
+    bytes read as one little-endian uint16. None for float outputs or more channels.
+    """
+    if not spec.quantized or channels > 2:
+        return None
+    info = np.iinfo(spec.dtype)
+    real = spec.dequantize(np.arange(info.min, info.max + 1))
+    # a raw byte b (the tensor's int8/uint8 value read as uint8) -> its position in ``real``
+    pos = np.arange(256, dtype=np.uint8).view(spec.dtype).astype(np.int64) - info.min
+    if channels == 1:
+        act = activation if activation != "softmax" else "sigmoid"
+        table = probabilities(real.reshape(-1, 1), act, cal)[:, 0][pos]
+
+        def index(raw: np.ndarray) -> np.ndarray:
+            return raw[..., 0].view(np.uint8)
+
+    else:
+        pairs = np.stack(np.meshgrid(real, real, indexing="ij"), axis=-1).reshape(-1, 2)
+        by_pair = probabilities(pairs, activation, cal, axis=-1)[:, 1]
+        lo, hi = np.meshgrid(pos, pos, indexing="xy")  # uint16 value hi*256+lo: lo = channel 0
+        table = by_pair[(lo * real.size + hi).reshape(-1)]
+
+        def index(raw: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(raw).view("<u2")[..., 0]
+
+    return table.astype(np.float32), index

@@ -16,7 +16,7 @@ import numpy as np
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import Manifest
-from firmware_app.tasks.calibrate import probabilities
+from firmware_app.tasks.calibrate import probabilities, quantized_table
 from firmware_app.types import Box, Result
 
 NMS_IOU = 0.5
@@ -48,6 +48,11 @@ class Detector:
                     f"the model has {self._shapes()}"
                 )
             self.scores_i = scores[0]
+        # int8/uint8 scores over [background, one label]: each box's probability is one table lookup, and
+        # only the boxes above the threshold are dequantized (see calibrate.quantized_table)
+        self._fast = None
+        if manifest.layout == "boxes_scores" and len(manifest.labels) == 2:
+            self._fast = quantized_table(outputs[self.scores_i], 2, manifest.activation, manifest.calibration)
 
     def _shapes(self) -> str:
         return ", ".join(str(list(o.shape)) for o in self.specs)
@@ -79,8 +84,16 @@ class Detector:
         self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
     ) -> Result:
         fw, fh = frame_size
-        boxes, scores, cls = self.raw_boxes(raw_outputs)
-        keep = np.nonzero(scores >= threshold)[0]
+        if self._fast is not None:
+            table, index = self._fast
+            scores = table[index(raw_outputs[self.scores_i][0])]
+            keep = np.nonzero(scores >= threshold)[0]
+            boxes = np.zeros((scores.size, 4), np.float32)
+            boxes[keep] = self.specs[self.boxes_i].dequantize(raw_outputs[self.boxes_i][0][keep])
+            cls = np.ones(scores.size, np.int64)
+        else:
+            boxes, scores, cls = self.raw_boxes(raw_outputs)
+            keep = np.nonzero(scores >= threshold)[0]
         if self.m.layout == "boxes_scores" and keep.size:
             xywh = [
                 [

@@ -14,7 +14,7 @@ import numpy as np
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import Manifest
-from firmware_app.tasks.calibrate import probabilities
+from firmware_app.tasks.calibrate import probabilities, quantized_table
 from firmware_app.types import Result
 
 
@@ -33,39 +33,9 @@ class Segmenter:
         self.spec = spec
         self.channels = channels
         self.out_hw = (spec.shape[1], spec.shape[2])
-        self._table, self._score = self._quantized_path()
-
-    def _quantized_path(self):
-        """For an int8/uint8 output with one finding label: a table from the raw output value(s) of a pixel
-        to its calibrated probability, built once, so a frame costs one table lookup, not float maps.
-
-        One channel: 256 entries indexed by the raw byte. Two channels ([background, finding], softmax or
-        probabilities, with any calibration): 65536 entries indexed by the pixel's two bytes read as one
-        little-endian uint16. Returns (None, None) for float outputs or several finding labels.
-        """
-        spec, cal, act = self.spec, self.m.calibration, self.m.activation
-        if not spec.quantized or self.channels > 2:
-            return None, None
-        info = np.iinfo(spec.dtype)
-        real = spec.dequantize(np.arange(info.min, info.max + 1))
-        # a raw byte b (the tensor's int8/uint8 value read as uint8) -> its position in ``real``
-        pos = np.arange(256, dtype=np.uint8).view(spec.dtype).astype(np.int64) - info.min
-        if self.channels == 1:
-            table = probabilities(real.reshape(-1, 1), act if act != "softmax" else "sigmoid", cal)[:, 0][pos]
-
-            def score(raw):
-                return raw[0, ..., 0].view(np.uint8)
-
-        else:
-            pairs = np.stack(np.meshgrid(real, real, indexing="ij"), axis=-1).reshape(-1, 2)
-            by_pair = probabilities(pairs, act, cal, axis=-1)[:, 1]
-            lo, hi = np.meshgrid(pos, pos, indexing="xy")  # uint16 value hi*256+lo: lo = channel 0
-            table = by_pair[(lo * real.size + hi).reshape(-1)]
-
-            def score(raw):
-                return np.ascontiguousarray(raw[0]).view("<u2")[..., 0]
-
-        return table.astype(np.float32), score
+        # int8/uint8 with one finding label: one table lookup per pixel (see calibrate.quantized_table)
+        fast = quantized_table(spec, channels, manifest.activation, manifest.calibration)
+        self._table, self._index = fast if fast is not None else (None, None)
 
     def probability_maps(self, raw: np.ndarray) -> np.ndarray:
         """-> float32 [H, W, K]: calibrated probability of each non-background label (K = 1 for 1 or 2 labels)."""
@@ -81,7 +51,7 @@ class Segmenter:
         self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
     ) -> Result:
         if self._table is not None:
-            prob = self._table[self._score(raw_outputs[0])]
+            prob = self._table[self._index(raw_outputs[0][0])]
             small = (prob > threshold).view(np.uint8)
             k, top = 0, float(prob.max())
             max_per_label = {self.m.labels[1]: top}

@@ -1,15 +1,19 @@
 """``firmware-app bench --json``: performance figures measured in one run, on one interpreter setting.
 
 - bare invoke loop: the model's own speed, the ceiling (``invoke_ms``, ``bare_invoke_fps``);
-- the full pipeline fed by an unlimited synthetic source (``pipeline_fps``);
+- the full pipeline fed by an unlimited synthetic source (``pipeline_fps``: the steady rate after WARMUP
+  results, timed on the inference thread);
 - the full pipeline fed at 30 fps: capture -> shown latency (``e2e_latency_ms``), beside the bare invoke
   loop paced at the same 30 fps (``invoke_ms_paced``): a CPU that idles between frames runs the next
   invoke slower than a tight loop does, and that part of the latency is the model's, not the pipeline's;
 - a naive single-threaded read -> convert -> resize -> float quantize -> invoke -> float dequantize ->
   full-frame blend -> draw loop, the reference a user would write (``naive_loop_fps``).
 ``overhead_ms_p50`` is the CPU time per analysed frame spent outside invoke: preprocess + postprocess (p50
-each, CPU time of the thread that does them) + render and display at the share of frames the screen shows. ``startup_s``: process start to the first result
-on screen, in a fresh process. ``rss_mb``: this process's peak resident memory.
+each, CPU time of the thread that does them) + render and display at the share of frames the screen
+shows. ``startup_s``: process start to the first result on screen, in a fresh process. ``rss_mb``: this
+process's peak resident memory. Each bundled model is fed its own phantom (PHANTOMS); ``--source``
+overrides it. Bare, pipeline and naive runs alternate in ROUNDS rounds of ``frames`` each, after one
+uncounted pipeline round, and each figure is the median of its rounds.
 """
 
 from __future__ import annotations
@@ -190,9 +194,9 @@ def run_bench(
     if not base.startswith("synthetic:"):
         unlimited = paced = base
     sample = _sample_frames(unlimited, 16)
-    # bare, pipeline and naive alternate in ROUNDS short rounds and each figure is the median of its
-    # rounds: a background job on a shared machine then weighs on all three alike, so their ratios hold
-    # a first round that is not counted: fonts scaled, caches and the CPU warm, as on a running device
+    # bare, pipeline and naive alternate in ROUNDS rounds and each figure is the median of its rounds: a
+    # background job on a shared machine then weighs on all three alike, so their ratios hold.
+    # A first round that is not counted: fonts scaled, caches and the CPU warm, as on a running device
     pipeline_run(board, model, unlimited, WARMUP)
     bares, fulls, naives = [], [], []
     for _ in range(ROUNDS):

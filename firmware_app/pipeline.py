@@ -52,8 +52,10 @@ HEARTBEAT_S = 0.5  # the inference loop wakes at least this often, frames or not
 CPU_BACKEND = "litert-cpu"
 ACCEL_RETRY_S = 5.0  # how often a failed accelerator is tried again
 READOUT_S = 0.5  # the screen's frame rate and latency readout is refreshed this often
-READ_AHEAD = 4
-HELPER_NICE = 10  # the capture and screen threads yield the CPU to the model's (see lower_thread_priority)  # frames a finite source (file, DICOM, unpaced phantom) is read ahead of inference
+READ_AHEAD = 4  # frames a finite source (file, DICOM, unpaced phantom) is read ahead of inference
+# the capture and screen threads yield the CPU to the model's (see lower_thread_priority)
+CAPTURE_NICE = 5  # it must keep up with a fast model (pre-processing runs there): a smaller step down
+PRESENT_NICE = 10
 
 
 class Slot:
@@ -117,8 +119,8 @@ def lower_thread_priority(nice: int) -> None:
 
     The capture and screen threads need little CPU (a 30 Hz screen: ~2 % of a core), but when they run
     in the middle of an invoke they stall the model's worker threads, which wait for each other at every
-    layer. At nice 10 they still get their share, just not ahead of the model: on a 2-core box this took
-    the pipeline from 0.79 to 0.90 of the bare invoke rate (us-fluid-seg, 4 alternating rounds).
+    layer. At nice 5 and 10 they still get their share, just not ahead of the model: on a 2-core box this
+    took the pipeline from 0.79 to 0.88-0.90 of the bare invoke rate (us-fluid-seg, alternating rounds).
     """
     if sys.platform != "linux":  # elsewhere PRIO_PROCESS with a thread id would renice the whole process
         return
@@ -307,9 +309,9 @@ class Pipeline:
         for d in self.displays:
             d.open()
         for target, name, nice in (
-            (self._capture_loop, "capture", HELPER_NICE),
+            (self._capture_loop, "capture", CAPTURE_NICE),
             (self._inference_loop, "inference", 0),
-            (self._present_loop, "present", HELPER_NICE),
+            (self._present_loop, "present", PRESENT_NICE),
         ):
             t = threading.Thread(target=self._guard(target, nice), name=f"fwapp-{name}", daemon=True)
             self._threads.append(t)

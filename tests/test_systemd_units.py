@@ -230,6 +230,7 @@ def test_install_dry_run_prints_every_step_and_changes_nothing():
     )
     assert "/etc/udev/rules.d/99-firmware-app.rules" in out
     assert "/etc/systemd/system/firmware-app.service" in out
+    assert "/etc/tmpfiles.d/firmware-app-cpufreq.conf" in out  # the CPU at its full clock (PERFORMANCE.md)
     if shutil.which("systemctl"):
         assert "+ systemctl enable firmware-app.service" in out
 
@@ -239,3 +240,20 @@ def test_install_needs_a_known_board():
     assert proc.returncode == 2 and "--board NAME|FILE is required" in proc.stderr
     proc = run_install("--dry-run", "--board", "toaster")
     assert proc.returncode == 2 and "board toaster" in proc.stderr
+
+
+def test_install_keep_governor_leaves_the_cpu_clock_alone():
+    proc = run_install("--board", "rpi4-cpu", "--dry-run", "--keep-governor", "--wheels", str(REPO))
+    assert proc.returncode == 0, proc.stderr
+    assert "cpufreq" not in proc.stdout
+
+
+def test_cpufreq_tmpfiles_line_sets_every_cpu_to_performance():
+    lines = [
+        line.split()
+        for line in (REPO / "systemd" / "firmware-app-cpufreq.conf").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines == [
+        ["w", "/sys/devices/system/cpu/cpu*/cpufreq/scaling_governor", "-", "-", "-", "-", "performance"]
+    ]

@@ -3,12 +3,15 @@
 # /opt/firmware-app, the board config, models, systemd unit and udev rules; then enable the service.
 #
 #   sudo tools/install-device.sh --board rpi5-coral-usb [--wheels DIR] [--extras gpio,serial] [--no-start]
+#                                [--keep-governor]
 #   tools/install-device.sh --board rpi4-cpu --dry-run      # print what it would do, change nothing
 #
 # The box has no network: give --wheels DIR, a wheelhouse made on a PC for the device's platform
 # (pip download --platform ... / pip wheel), and pip installs from it only (--no-index).
 # Idempotent: run it again to update; steps already done are reported as "ok" and skipped. An existing
 # /etc/firmware-app/board.toml that differs from --board is kept (measured crop, pins) unless --force-config.
+# The CPU frequency governor is set to "performance" at every boot (systemd-tmpfiles) for steady model
+# latency, unless --keep-governor.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -25,8 +28,9 @@ EXTRAS="gpio,serial"
 DRY_RUN=0
 START=1
 FORCE_CONFIG=0
+GOVERNOR=1
 
-usage() { sed -n '2,12s/^# \{0,1\}//p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '2,15s/^# \{0,1\}//p' "$0"; exit "${1:-0}"; }
 die() { echo "install-device: error: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
@@ -38,6 +42,7 @@ while [ $# -gt 0 ]; do
     --dry-run|-n) DRY_RUN=1; shift ;;
     --no-start) START=0; shift ;;
     --force-config) FORCE_CONFIG=1; shift ;;
+    --keep-governor) GOVERNOR=0; shift ;;
     -h|--help) usage 0 ;;
     *) echo "install-device: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -130,6 +135,13 @@ done
 if [ "$changed_rules" = 1 ] && have udevadm; then
   run udevadm control --reload-rules
   run udevadm trigger
+fi
+TMPFILES=/etc/tmpfiles.d/firmware-app-cpufreq.conf
+if [ "$GOVERNOR" = 1 ]; then
+  put 0644 "$REPO/systemd/firmware-app-cpufreq.conf" "$TMPFILES"
+  if have systemd-tmpfiles; then run systemd-tmpfiles --create "$TMPFILES"; fi
+elif [ -f "$TMPFILES" ]; then
+  run rm -f "$TMPFILES"
 fi
 for f in "$REPO"/systemd/*.service "$REPO"/systemd/*.timer; do
   [ -f "$f" ] || continue

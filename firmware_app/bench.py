@@ -65,44 +65,28 @@ def _sample_frames(source_uri: str, n: int) -> list[np.ndarray]:
     return frames
 
 
-def bare_invoke(model: ModelRef, order: list[str], threads: int, frames: list[np.ndarray], n: int) -> dict:
-    choice = make_backend(model, order, threads)
-    backend = choice.backend
+def bare_invoke(
+    model: ModelRef, order: list[str], threads: int, frames: list[np.ndarray], n: int, fps: float = 0.0
+) -> dict:
+    """``invoke()`` alone on pre-made tensors, after WARMUP calls: back to back (the ceiling), or with
+    ``fps`` one call every 1/fps s (the model's own time at that pace)."""
+    backend = make_backend(model, order, threads).backend
     pre = Preprocessor(model.manifest, backend.input)
     tensors = [pre(f).copy() for f in frames[:8]]
     for i in range(WARMUP):
         backend.invoke(tensors[i % len(tensors)])
     times = []
-    t_start = time.perf_counter()
+    t_start = due = time.perf_counter()
     for i in range(n):
+        if fps > 0:
+            due += 1.0 / fps
+            time.sleep(max(0.0, due - time.perf_counter()))
         t0 = time.perf_counter()
         backend.invoke(tensors[i % len(tensors)])
         times.append((time.perf_counter() - t0) * 1000)
     total = time.perf_counter() - t_start
     backend.close()
     return {"backend": backend.name, "invoke_ms": _pct(times), "bare_invoke_fps": round(n / total, 2)}
-
-
-def paced_invoke(
-    model: ModelRef, order: list[str], threads: int, frames: list[np.ndarray], n: int, fps: float
-) -> dict[str, float]:
-    """``invoke()`` alone on pre-made tensors, one call every 1/fps s: the model's own time at that pace."""
-    choice = make_backend(model, order, threads)
-    backend = choice.backend
-    pre = Preprocessor(model.manifest, backend.input)
-    tensors = [pre(f).copy() for f in frames[:8]]
-    for i in range(WARMUP):
-        backend.invoke(tensors[i % len(tensors)])
-    times = []
-    due = time.perf_counter()
-    for i in range(n):
-        due += 1.0 / fps
-        time.sleep(max(0.0, due - time.perf_counter()))
-        t0 = time.perf_counter()
-        backend.invoke(tensors[i % len(tensors)])
-        times.append((time.perf_counter() - t0) * 1000)
-    backend.close()
-    return _pct(times)
 
 
 def naive_loop(model: ModelRef, threads: int, frames: list[np.ndarray], n: int) -> float:
@@ -208,7 +192,7 @@ def run_bench(
     naive = sorted(naives)[ROUNDS // 2]
     paced_n = max(30, frames // 2)
     paced_stats = pipeline_run(board, model, paced, paced_n)
-    paced_bare = paced_invoke(model, order, threads, sample, paced_n, PACED_FPS)
+    paced_bare = bare_invoke(model, order, threads, sample, paced_n, PACED_FPS)["invoke_ms"]
     stages = full["stages_ms"]
     # CPU time per analysed frame outside invoke: pre- and post-processing every frame, the screen at the
     # share of frames it shows (it refreshes at the display's rate, not the model's)

@@ -82,8 +82,6 @@ class Result:
     centroid: tuple[float, float] | None = None
     area_fraction: float | None = None
 
-    t_done_ns: int = 0
-
     def mask_at(self, width: int, height: int) -> np.ndarray | None:
         """The mask as uint8 0/1, ``height`` x ``width`` (nearest neighbour), or None without one."""
         if self.mask is None:

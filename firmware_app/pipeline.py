@@ -115,7 +115,7 @@ class Slot:
 
 
 def lower_thread_priority(nice: int) -> None:
-    """Raise the calling thread's nice value (Linux: per thread; lowering priority needs no privilege).
+    """Add ``nice`` to the calling thread's nice value (Linux: per thread; lowering needs no privilege).
 
     The capture and screen threads need little CPU (a 30 Hz screen: ~2 % of a core), but when they run
     in the middle of an invoke they stall the model's worker threads, which wait for each other at every
@@ -125,7 +125,8 @@ def lower_thread_priority(nice: int) -> None:
     if sys.platform != "linux":  # elsewhere PRIO_PROCESS with a thread id would renice the whole process
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
     except OSError as exc:
         log.debug("could not lower the priority of %s: %s", threading.current_thread().name, exc)
 

@@ -1,18 +1,23 @@
 """The real-time pipeline: source -> preprocess -> backend -> task -> screen -> displays.
 
-Three threads, two one-item slots:
+Three threads, two slots:
 
-    capture ──newest frame──▶ inference ──(frame, its result)──▶ presenter ──canvas──▶ displays
-    (source.read)            (preprocess, invoke, postprocess)   (Screen.render)
+    capture ──(frame, its tensor)──▶ inference ──(frame, its result)──▶ presenter ──canvas──▶ displays
+    (source.read, preprocess)        (invoke, postprocess, listeners)   (Screen.render, at display fps)
 
 - A live source (camera, paced phantom) feeds a *lossy* slot: inference always takes the newest frame and
   never works through a backlog; overwritten frames are counted as dropped. A finite source (DICOM file,
-  image folder, video replayed as fast as possible) feeds *lossless* slots: every frame is processed.
+  image folder, video replayed as fast as possible) is read READ_AHEAD frames ahead, losslessly: every
+  frame is processed. The capture thread pre-processes the next frame while the model runs.
+- Every result goes to the listeners (recorder, alerts, serial) on the inference thread; the screen
+  takes the newest result each time it can show one and sleeps in between.
 - A result travels together with the frame it was computed from, so the presenter can only draw a result
   on its own frame. When no result has come for ``stale_after_ms`` while newer raw frames arrive (a slow
   model, AI switched off), the presenter shows the live frame marked "AI PENDING" with the last finding
   greyed as STALE, never another frame's overlay.
-- Every stage stamps its time; ``stats()`` gives rolling p50/p99 per stage and end to end (capture -> shown).
+- The capture and screen threads run at a lower priority than the model's (see lower_thread_priority).
+- Every stage stamps its time; ``stats()`` gives rolling p50/p99 per stage and end to end (capture -> shown),
+  in wall time (``stages_ms``) and in CPU time of the thread doing it (``cpu_ms``).
 
 ``build_pipeline`` assembles it from a board config; reading it tells the whole data flow.
 """

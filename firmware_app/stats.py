@@ -98,5 +98,5 @@ def upscaled_dice(small: np.ndarray, truth: np.ndarray) -> float:
     r0, r1 = np.searchsorted(ys, [y, y + h])
     c0, c1 = np.searchsorted(xs, [x, x + w])
     region = np.take(small[ys[r0:r1]], xs[c0:c1], axis=1)
-    inter = cv2.countNonZero(cv2.bitwise_and(region, truth[r0:r1, c0:c1]))
+    inter = cv2.countNonZero(cv2.min(region, truth[r0:r1, c0:c1]))  # any non-zero value counts
     return 2.0 * inter / (cv2.countNonZero(region) + t_sum)

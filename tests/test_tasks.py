@@ -243,5 +243,6 @@ def test_upscaled_dice_is_the_dice_of_the_full_size_mask(frame, mask):
     small[rng.integers(0, mh, 5), rng.integers(0, mw, 5)] = 1  # stray pixels: a wide bounding box
     r = Result(0, "segmentation", "fluid", 0.9, mask=small)
     assert upscaled_dice(small, truth) == dice(r.mask_at(fw, fh), truth)
+    assert upscaled_dice(small * 255, truth * 2) == dice(r.mask_at(fw, fh), truth)  # any non-zero is "in"
     assert upscaled_dice(np.zeros_like(small), truth) == 0.0
     assert upscaled_dice(np.zeros_like(small), np.zeros_like(truth)) == 1.0

@@ -402,7 +402,9 @@ class Pipeline:
 
         Tagged with the preprocessor used: after a model swap or a fall-back to the CPU the inference
         thread does it again for the new input tensor. A frame that cannot be pre-processed is left to the
-        inference thread, which reports it like any failed frame.
+        inference thread, which reports it like any failed frame. A live frame replaced by a newer one
+        before inference takes it was pre-processed for nothing: with a camera faster than the model that
+        costs one pre-processing per dropped frame (``frames_dropped``), at the capture thread's priority.
         """
         if self.frozen or not self.ai_enabled:
             return None

@@ -83,6 +83,59 @@ def test_slot_lossless_blocks_until_taken():
     assert s.get(0) == 1 and done.wait(1) and s.get(0) == 2
 
 
+def test_slot_lossless_refills_in_bursts():
+    """A full read-ahead queue wakes its producer only when half of it has been taken."""
+    s = Slot(lossless=True, depth=4)
+    for i in range(4):
+        s.put(i)
+    put_done = threading.Event()
+    threading.Thread(target=lambda: (s.put(4), put_done.set()), daemon=True).start()
+    assert not put_done.wait(0.1)
+    assert s.get(0) == 0 and not put_done.wait(0.1)  # 3 left: the producer sleeps on
+    assert s.get(0) == 1 and put_done.wait(1)  # 2 left: half taken, it refills
+    assert [s.get(0) for _ in range(3)] == [2, 3, 4] and s.get(0.01) is None
+
+
+class SpyPreprocess:
+    """Records the thread each pre-processing runs on; otherwise the real one."""
+
+    def __init__(self, inner):
+        self.inner, self.threads = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, pixels, out=None):
+        self.threads.append(threading.current_thread().name)
+        return self.inner(pixels, out=out)
+
+
+def test_preprocessing_runs_on_the_capture_thread_while_the_model_runs(float_model_dir):
+    p = make(float_model_dir, "synthetic:ultrasound?fps=0&width=160&height=120", max_frames=12)
+    spy = p.preprocess = SpyPreprocess(p.preprocess)
+    stats = p.run()
+    assert stats["frames_inferred"] == 12 and stats["errors"] == 0
+    assert spy.threads and set(spy.threads) == {"fwapp-capture"}
+    assert stats["cpu_ms"]["preprocess"]["p50"] > 0 and stats["cpu_ms"]["postprocess"]["p50"] > 0
+
+
+def test_a_frame_prepared_for_a_replaced_preprocessor_is_prepared_again(float_model_dir):
+    """After a model swap or a CPU fall-back the old tensor may not fit: the inference thread redoes it."""
+    p = make(float_model_dir, "synthetic:ultrasound?fps=0&width=160&height=120")
+    src = p.source
+    src.open()
+    frame = src.read()
+    old = p._prepare(frame)
+    assert old is not None and old.preprocess is p.preprocess
+    spy = p.preprocess = SpyPreprocess(p.preprocess)
+    result = p.infer(frame, old)
+    assert spy.threads == [threading.current_thread().name]  # done again, here
+    assert result.frame_id == frame.id
+    fresh = p._prepare(frame)  # made by the preprocessor in force: used as it is, not made a third time
+    assert p.infer(frame, fresh).frame_id == frame.id and len(spy.threads) == 2
+    src.close()
+
+
 def test_pipeline_runs_frames_and_every_overlay_is_on_its_own_frame(float_model_dir):
     p = make(float_model_dir, "synthetic:ultrasound?seed=3&fps=0", max_frames=12)
     stats = p.run()

@@ -276,3 +276,27 @@ def test_render_reuses_its_buffer_and_is_fast():
         times.append(time.perf_counter() - t)
     assert out is first
     assert sorted(times)[len(times) // 2] < 0.025  # generous: ~1-2 ms on a 2-core x86 box
+
+
+def test_measurements_are_a_readout_but_a_new_finding_shows_at_once(monkeypatch):
+    """Area and centroid change at most twice a second while the finding stays; label and alert at once."""
+    import firmware_app.display.screen as screen_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(screen_mod.time, "monotonic", lambda: clock[0])
+    sc = Screen(800, 480)
+
+    def finding(result):
+        frame = _frame(result.frame_id)
+        return sc._finding(ScreenState(frame=frame, result=result), result, None)
+
+    first = finding(_seg(1, rect=(280, 200, 360, 260)))
+    moved = _seg(2, rect=(300, 220, 380, 280))
+    clock[0] += 0.1
+    assert finding(moved).lines == first.lines  # held: the same finding, 0.1 s later
+    clock[0] += screen_mod.DETAIL_REFRESH_S
+    assert finding(moved).lines != first.lines  # refreshed
+    alert = _seg(3, rect=(100, 100, 200, 200), alert=True)
+    clock[0] += 0.01
+    shown = finding(alert)
+    assert shown.alert and "Centroid (150, 150) px" in shown.lines  # a change of finding: at once

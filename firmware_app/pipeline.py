@@ -15,7 +15,6 @@ Three threads, two slots:
   on its own frame. When no result has come for ``stale_after_ms`` while newer raw frames arrive (a slow
   model, AI switched off), the presenter shows the live frame marked "AI PENDING" with the last finding
   greyed as STALE, never another frame's overlay.
-- The capture and screen threads run at a lower priority than the model's (see lower_thread_priority).
 - Every stage stamps its time; ``stats()`` gives rolling p50/p99 per stage and end to end (capture -> shown),
   in wall time (``stages_ms``) and in CPU time of the thread doing it (``cpu_ms``).
 
@@ -25,8 +24,6 @@ Three threads, two slots:
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
 from collections import deque
@@ -58,9 +55,6 @@ CPU_BACKEND = "litert-cpu"
 ACCEL_RETRY_S = 5.0  # how often a failed accelerator is tried again
 READOUT_S = 0.5  # the screen's frame rate and latency readout is refreshed this often
 READ_AHEAD = 4  # frames a finite source (file, DICOM, unpaced phantom) is read ahead of inference
-# the capture and screen threads yield the CPU to the model's (see lower_thread_priority)
-CAPTURE_NICE = 5  # it must keep up with a fast model (pre-processing runs there): a smaller step down
-PRESENT_NICE = 10
 
 
 class Slot:
@@ -117,23 +111,6 @@ class Slot:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-
-
-def lower_thread_priority(nice: int) -> None:
-    """Add ``nice`` to the calling thread's nice value (Linux: per thread; lowering needs no privilege).
-
-    The capture and screen threads need little CPU (a 30 Hz screen: ~2 % of a core), but when they run
-    in the middle of an invoke they stall the model's worker threads, which wait for each other at every
-    layer. At nice 5 and 10 they still get their share, just not ahead of the model: on a 2-core box this
-    took the pipeline from 0.79 to 0.88-0.90 of the bare invoke rate (us-fluid-seg, alternating rounds).
-    """
-    if sys.platform != "linux":  # elsewhere PRIO_PROCESS with a thread id would renice the whole process
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
-    except OSError as exc:
-        log.debug("could not lower the priority of %s: %s", threading.current_thread().name, exc)
 
 
 @dataclass(frozen=True)
@@ -314,19 +291,17 @@ class Pipeline:
         self.source.open()
         for d in self.displays:
             d.open()
-        for target, name, nice in (
-            (self._capture_loop, "capture", CAPTURE_NICE),
-            (self._inference_loop, "inference", 0),
-            (self._present_loop, "present", PRESENT_NICE),
+        for target, name in (
+            (self._capture_loop, "capture"),
+            (self._inference_loop, "inference"),
+            (self._present_loop, "present"),
         ):
-            t = threading.Thread(target=self._guard(target, nice), name=f"fwapp-{name}", daemon=True)
+            t = threading.Thread(target=self._guard(target), name=f"fwapp-{name}", daemon=True)
             self._threads.append(t)
             t.start()
 
-    def _guard(self, target: Callable[[], None], nice: int = 0) -> Callable[[], None]:
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            if nice:
-                lower_thread_priority(nice)
             try:
                 target()
             except Exception:  # a bug in a stage must not leave the other threads waiting forever
@@ -404,7 +379,7 @@ class Pipeline:
         thread does it again for the new input tensor. A frame that cannot be pre-processed is left to the
         inference thread, which reports it like any failed frame. A live frame replaced by a newer one
         before inference takes it was pre-processed for nothing: with a camera faster than the model that
-        costs one pre-processing per dropped frame (``frames_dropped``), at the capture thread's priority.
+        costs one pre-processing per dropped frame (``frames_dropped``).
         """
         if self.frozen or not self.ai_enabled:
             return None

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -428,25 +426,3 @@ def test_frame_of_another_size_than_the_crop_is_skipped(float_model_dir):
     finally:
         p.close()
     assert any("frame skipped" in m for m in p.messages())
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
-def test_capture_and_screen_threads_yield_the_cpu_to_the_model(float_model_dir):
-    def nice_of(thread: threading.Thread) -> int:
-        stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
-
-    p = make(float_model_dir, "synthetic:ultrasound?fps=30")
-    p.start()
-    try:
-        assert p.wait(0.3) is False  # still running
-        nices = {t.name: nice_of(t) for t in p._threads}
-    finally:
-        p.close()
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    assert nices == {
-        "fwapp-capture": min(base + 5, 19),
-        "fwapp-inference": base,
-        "fwapp-present": min(base + 10, 19),
-    }
-    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (and this thread) keep theirs

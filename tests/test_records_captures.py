@@ -71,7 +71,17 @@ def test_captures_on_disk_hold_no_readable_pixels_or_identifiers(data_dir: Path)
     for blob in blobs:
         assert PATTERN not in blob
         assert np.ascontiguousarray(upx[200:201, 100:140]).tobytes() not in blob
-        for magic in (b"DICM", b"\x89PNG", b"\xff\xd8\xff", b"PK\x03\x04", b"CompressedSamples", b"NUMPY"):
+        # JPEG is told by its JFIF/Exif header: its 3-byte start marker alone turns up by chance in these two
+        # ciphertexts (~0.33 MB) in ~2 % of runs, which made this test fail now and then
+        for magic in (
+            b"DICM",
+            b"\x89PNG",
+            b"JFIF\x00",
+            b"Exif\x00",
+            b"PK\x03\x04",
+            b"CompressedSamples",
+            b"NUMPY",
+        ):
             assert magic not in blob, magic
     key = data_dir / "keys" / "capture.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -40,6 +40,32 @@ EDGETPU_OPS = frozenset(
 )  # fmt: skip
 
 
+# ---------------------------------------------------------------- set-up and reporting
+def deterministic_tf(threads: int, seed: int) -> tuple[Any, Any]:
+    """Import keras and TensorFlow on ``threads`` intra-op threads (one inter-op), seeded, with deterministic
+    ops: the same arguments rebuild the same model. Returns (keras, tf)."""
+    import keras
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    return keras, tf
+
+
+def fmt_num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def fmt_metric(m: Any) -> str:
+    """A ``validate --json`` metric {value, ci95} as "0.912 (95 % CI 0.880–0.940)"; "n/a" without a value."""
+    if not isinstance(m, dict) or m.get("value") is None:
+        return "n/a"
+    ci = m.get("ci95")
+    return f"{m['value']:.3f} (95 % CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else f"{m['value']:.3f}"
+
+
 # ---------------------------------------------------------------- progress
 def progress(items: Iterable[T], total: int | None = None, label: str = "", stream=None) -> Iterator[T]:
     """Yield ``items`` while drawing a one-line text progress bar on stderr (no dependency)."""

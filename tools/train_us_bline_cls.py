@@ -40,8 +40,11 @@ from modelkit import (  # noqa: E402
     EDGETPU_OPS,
     convert_keras,
     cpu_name,
+    deterministic_tf,
     export_onnx,
     fit_platt,
+    fmt_metric,
+    fmt_num,
     interpreter,
     invoke_ms,
     op_names,
@@ -239,17 +242,6 @@ def golden_inputs(path: Path, w: int, h: int) -> tuple[list[np.ndarray], list[di
     return xs, info
 
 
-def _num(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
-def fmt(m: dict) -> str:
-    if not isinstance(m, dict) or m.get("value") is None:
-        return "n/a"
-    ci = m.get("ci95")
-    return f"{m['value']:.3f} (95 % CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else f"{m['value']:.3f}"
-
-
 def write_readme(out: Path, info: dict) -> None:
     v = info["validate"]
     a = v["agreement_int8_float"]
@@ -318,13 +310,13 @@ script. Post-training full-integer quantization with {info["n_rep"]} representat
 
 | metric | int8 `model.tflite` |
 |---|---|
-| AUC | **{fmt(v["auc"])}** |
-| sensitivity | {fmt(v["sensitivity"])} |
-| specificity | {fmt(v["specificity"])} |
-| PPV | {fmt(v["ppv"])} |
-| NPV | {fmt(v["npv"])} |
-| ECE (10 bins), after Platt scaling | {fmt(v["ece"])} |
-| ECE before / after calibration (test set) | {_num(info["ece_before"])} / {_num(info["ece_after"])} |
+| AUC | **{fmt_metric(v["auc"])}** |
+| sensitivity | {fmt_metric(v["sensitivity"])} |
+| specificity | {fmt_metric(v["specificity"])} |
+| PPV | {fmt_metric(v["ppv"])} |
+| NPV | {fmt_metric(v["npv"])} |
+| ECE (10 bins), after Platt scaling | {fmt_metric(v["ece"])} |
+| ECE before / after calibration (test set) | {fmt_num(info["ece_before"])} / {fmt_num(info["ece_after"])} |
 | int8 vs float agreement (decisions) | {100 * a["value"]:.2f} % over {a["cases"]} frames |
 | LiteRT CPU invoke, 2 threads (int8) | p50 {info["invoke_int8"]["p50"]:.2f} ms, p99 {info["invoke_int8"]["p99"]:.2f} ms |
 | LiteRT CPU invoke, 2 threads (float) | p50 {info["invoke_float"]["p50"]:.2f} ms |
@@ -366,13 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--width/--height must be divisible by {down}")
 
     t_start = time.perf_counter()
-    import keras
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    keras.utils.set_random_seed(args.seed)
-    tf.config.experimental.enable_op_determinism()
+    keras, tf = deterministic_tf(args.threads, args.seed)
     cv2.setNumThreads(1)
 
     out: Path = args.out

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from modelkit import cpu_name  # noqa: E402
+from modelkit import cpu_name, deterministic_tf  # noqa: E402
 
 from firmware_app.sources.phantom import UltrasoundPhantom  # noqa: E402
 
@@ -610,13 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
-    import keras
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    keras.utils.set_random_seed(args.seed)
-    tf.config.experimental.enable_op_determinism()
+    keras, tf = deterministic_tf(args.threads, args.seed)
     cv2.setNumThreads(args.threads)
 
     out: Path = args.out

@@ -46,8 +46,11 @@ from modelkit import (  # noqa: E402
     EDGETPU_OPS,
     convert_keras,
     cpu_name,
+    deterministic_tf,
     export_onnx,
     fit_platt,
+    fmt_metric,
+    fmt_num,
     interpreter,
     invoke_ms,
     op_names,
@@ -372,17 +375,6 @@ def golden_inputs(path: Path, w: int, h: int) -> tuple[list[np.ndarray], list[di
     return xs, info
 
 
-def _num(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
-def fmt(m) -> str:
-    if not isinstance(m, dict) or m.get("value") is None:
-        return "n/a"
-    ci = m.get("ci95")
-    return f"{m['value']:.3f} (95 % CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else f"{m['value']:.3f}"
-
-
 def write_readme(out: Path, info: dict) -> None:
     v = info["validate"]
     a = v["agreement_int8_float"]
@@ -455,15 +447,15 @@ A box is a hit when IoU >= 0.3 with a not yet matched nodule. 95 % CIs: bootstra
 
 | metric | int8 `model.tflite` |
 |---|---|
-| sensitivity (nodules) | **{fmt(v["sensitivity"])}** |
-| false positives per case | **{fmt(v["fp_per_case"])}** |
-| PPV (boxes) | {fmt(v["ppv"])} |
-| specificity (frames without nodules and without a box) | {fmt(v["specificity"])} |
-| AUC (frames, score = best box) | {fmt(v["auc"])} |
-| mean IoU of the hits | {fmt(v["iou"])} |
+| sensitivity (nodules) | **{fmt_metric(v["sensitivity"])}** |
+| false positives per case | **{fmt_metric(v["fp_per_case"])}** |
+| PPV (boxes) | {fmt_metric(v["ppv"])} |
+| specificity (frames without nodules and without a box) | {fmt_metric(v["specificity"])} |
+| AUC (frames, score = best box) | {fmt_metric(v["auc"])} |
+| mean IoU of the hits | {fmt_metric(v["iou"])} |
 | FROC sensitivity at FP/case | {froc} |
-| ECE (boxes, 10 bins), after Platt scaling | {fmt(v["ece"])} |
-| ECE before / after calibration (test set) | {_num(info["ece_before"])} / {_num(info["ece_after"])} |
+| ECE (boxes, 10 bins), after Platt scaling | {fmt_metric(v["ece"])} |
+| ECE before / after calibration (test set) | {fmt_num(info["ece_before"])} / {fmt_num(info["ece_after"])} |
 | int8 vs float agreement (boxes matched at IoU 0.5) | {100 * a["value"]:.2f} % over {a["cases"]} frames |
 | LiteRT CPU invoke, 2 threads (int8) | p50 {info["invoke_int8"]["p50"]:.2f} ms, p99 {info["invoke_int8"]["p99"]:.2f} ms |
 | LiteRT CPU invoke, 2 threads (float) | p50 {info["invoke_float"]["p50"]:.2f} ms |
@@ -509,13 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--width/--height must be divisible by 16")
 
     t_start = time.perf_counter()
-    import keras
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    keras.utils.set_random_seed(args.seed)
-    tf.config.experimental.enable_op_determinism()
+    keras, tf = deterministic_tf(args.threads, args.seed)
     cv2.setNumThreads(1)
 
     out: Path = args.out

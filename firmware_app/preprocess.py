@@ -82,10 +82,8 @@ class Preprocessor:
         self._out = np.empty(spec.shape, dtype=spec.dtype)
 
     def _to_model_color(self, img: np.ndarray) -> np.ndarray:
-        gray_in = img.ndim == 2
-        if self.color == "gray":
-            return img if gray_in else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-        if gray_in:
+        """A (resized) frame -> the colour model's channel order."""
+        if img.ndim == 2:
             return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)  # same bytes as RGB for gray
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if self.color == "rgb" else img
 
@@ -95,8 +93,9 @@ class Preprocessor:
 
     def __call__(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 HxW or HxWx3 (BGR) -> tensor [1, H, W, C], in ``out`` or in a buffer reused by the next call."""
-        if self.color == "gray" and pixels.ndim == 3:
-            img = resize_area(cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY), self.size)
+        if self.color == "gray":  # converted first: one channel to average, not three
+            gray = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
+            img = resize_area(gray, self.size)
         else:
             img = self._to_model_color(resize_area(pixels, self.size))
         tensor = self._out if out is None else out

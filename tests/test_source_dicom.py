@@ -332,7 +332,8 @@ def test_folder_with_valid_and_broken_files(tmp_path):
     assert [f.id for f in frames] == list(range(17))
     assert [f.meta["frame_index"] for f in frames[1:16]] == list(range(15))
     assert [f.pixels.shape for f in frames[:2]] == [(128, 128), (10, 10)]
-    assert frames[-1].pixels.shape == (350, 800, 3)
+    assert frames[-1].pixels.shape == (290, 680, 3)  # cropped to its ultrasound region
+    assert frames[-1].meta["region_from"] == "dicom"
 
     broken = ["b_random.dcm", "d_truncated.dcm", "e_rtplan.dcm", "f_empty.dcm", "h_notes.txt"]
     assert len(errors) == len(broken)

@@ -21,6 +21,7 @@ import numpy as np
 
 from firmware_app.errors import BadFrame, BadSource
 from firmware_app.sources.profile import SourceProfile
+from firmware_app.sources.region import Region
 from firmware_app.types import Frame
 
 MIN_SIDE = 2  # a resize needs pixels to work with; real sources are far larger
@@ -47,6 +48,9 @@ class Source:
         self.uri = uri
         self.profile = profile or SourceProfile()
         self._next_id = 0
+        # the imaging region this source found in its own picture (a detected or a file-stated one); the
+        # board's crop overrides it, and without either the full frame is used
+        self.region: Region | None = None
         # set by stop(): a read() that waits (a watched folder, a reconnect back-off) returns None soon after
         self.stopping = threading.Event()
 
@@ -62,6 +66,17 @@ class Source:
     ) -> Source:
         """Build the source from its parsed URI. Raise BadSource naming the URI for a bad parameter."""
         raise NotImplementedError
+
+    def imaging_region(self, width: int, height: int, stated: Region | None = None) -> Region:
+        """The region a ``width`` x ``height`` picture is cut to: board crop > ``stated`` > found > full."""
+        board = self.profile.crop_rect
+        if board is not None:
+            mm = stated.mm_per_px if stated is not None else None
+            return Region(board, "board", mm)
+        for region in (stated, self.region):
+            if region is not None:
+                return region
+        return Region.full(width, height)
 
     def stop(self) -> None:
         """Ask a blocking read() to return None soon; called from another thread."""
@@ -93,21 +108,29 @@ class Source:
         truth: np.ndarray | None = None,
         truth_boxes: tuple[tuple[int, int, int, int], ...] | None = None,
         t_capture_ns: int | None = None,
+        region: Region | None = None,
     ) -> Frame:
-        """Apply the source profile (crop, blackout) and stamp the next id and the capture time."""
+        """Apply the source profile (blackout) and the imaging region (crop), stamp the next id and the
+        capture time.
+
+        The region is the board's crop when it has one, else ``region`` (what this item says of itself,
+        e.g. a DICOM file's ultrasound region), else ``self.region`` (found in the stream), else the
+        full frame; the frame's meta says which (``firmware_app.sources.region``).
+        """
         t = time.monotonic_ns() if t_capture_ns is None else t_capture_ns
         check_pixels(pixels, self.uri)
         full_shape = pixels.shape
+        region = self.imaging_region(int(full_shape[1]), int(full_shape[0]), region)
         try:
-            pixels = self.profile.apply(pixels)
+            pixels = self.profile.apply(pixels, region.rect)
         except ValueError as exc:  # a frame of another size than the profile was measured on
             raise BadFrame(f"{self.uri}: frame skipped: {exc}") from None
         if truth is not None:
-            truth = self.profile.crop(truth)
-        if truth_boxes is not None and self.profile.crop_rect is not None:
-            cx, cy = self.profile.crop_rect[0], self.profile.crop_rect[1]
+            truth = self.profile.crop(truth, region.rect)
+        if truth_boxes is not None and region.rect[:2] != (0, 0):
+            cx, cy = region.rect[0], region.rect[1]
             truth_boxes = tuple((x0 - cx, y0 - cy, x1 - cx, y1 - cy) for x0, y0, x1, y1 in truth_boxes)
-        m = {"source": self.uri, "full_size": (int(full_shape[1]), int(full_shape[0]))}
+        m = {"source": self.uri, "full_size": (int(full_shape[1]), int(full_shape[0])), **region.meta()}
         if meta:
             m.update(meta)
         frame = Frame(

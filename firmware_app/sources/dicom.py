@@ -36,6 +36,7 @@ from firmware_app.errors import BadFrame, BadSource, SourceUnavailable
 from firmware_app.sources import register
 from firmware_app.sources.base import Source, float_param, int_param
 from firmware_app.sources.profile import SourceProfile
+from firmware_app.sources.region import dicom_region
 from firmware_app.types import Frame
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,8 @@ def _open_file(path: str) -> tuple[Any, Any, Any, int, dict[str, Any]]:
         "SOPClassUID": _str_or_none(sop_class),
         "Modality": _str_or_none(ds.get("Modality")),
         "dicom_header": _header_without_pixels(ds),
+        # the imaging region the file states (ultrasound regions) and its scale (sources.region)
+        "region": dicom_region(ds, int(ds.Columns), int(ds.Rows)),
     }
     return ds, decoder, tsyntax, n_frames, meta
 
@@ -500,8 +503,13 @@ class DicomSource(Source):
                 except BadFrame:
                     self._frames = None
                     raise
+                meta = dict(meta)
+                region = meta.pop("region", None)
+                if region is not None and meta["frame_index"] == 0:
+                    for note in region.notes:
+                        log.warning("%s: %s", meta["path"], note)
                 try:
-                    return self.make_frame(pixels, meta)
+                    return self.make_frame(pixels, meta, region=region)
                 except ValueError as exc:  # the profile's crop does not fit this frame
                     raise BadFrame(f"{meta['path']}: frame {meta['frame_index']}: {exc}") from None
             if self._queue:

@@ -29,25 +29,28 @@ class SourceProfile:
         crop_rect = _rect(crop, f"{where} crop") if crop is not None else None
         return cls(crop_rect, tuple(_rect(r, f"{where} blackout") for r in rects))
 
-    def crop(self, img: np.ndarray) -> np.ndarray:
-        if self.crop_rect is None:
+    def crop(self, img: np.ndarray, rect: Rect | None = None) -> np.ndarray:
+        """``img`` cut to ``rect`` (default: the board's crop); ValueError when it does not fit."""
+        rect = self.crop_rect if rect is None else rect
+        if rect is None:
             return img
-        x, y, w, h = self.crop_rect
+        x, y, w, h = rect
         out = img[y : y + h, x : x + w]
         if out.shape[0] != h or out.shape[1] != w:
-            raise ValueError(
-                f"crop {list(self.crop_rect)} lies outside the {img.shape[1]}x{img.shape[0]} frame"
-            )
+            raise ValueError(f"crop {list(rect)} lies outside the {img.shape[1]}x{img.shape[0]} frame")
         return out
 
-    def apply(self, img: np.ndarray) -> np.ndarray:
-        """Black out the burned-in text (full-frame coordinates), then crop. Never alters ``img``."""
+    def apply(self, img: np.ndarray, rect: Rect | None = None) -> np.ndarray:
+        """Black out the burned-in text (full-frame coordinates), then crop to ``rect`` (default: the
+        board's crop; the board's crop, when set, is passed here by the source). Never alters ``img``."""
+        rect = self.crop_rect if rect is None else rect
         if self.blackout:
             img = img.copy()
             for x, y, w, h in self.blackout:
                 img[max(y, 0) : y + h, max(x, 0) : x + w] = 0
-        out = self.crop(img)
-        return out if self.blackout or self.crop_rect is None else np.ascontiguousarray(out)
+        full = rect is None or (rect[:2] == (0, 0) and rect[2:] == (img.shape[1], img.shape[0]))
+        out = img if full else self.crop(img, rect)
+        return out if self.blackout or full else np.ascontiguousarray(out)
 
 
 def _rect(value: object, where: str) -> Rect:

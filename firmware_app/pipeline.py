@@ -43,6 +43,7 @@ from firmware_app.sources import open_source
 from firmware_app.sources.base import Source
 from firmware_app.stats import RateMeter, RollingTimes, upscaled_dice
 from firmware_app.tasks import make_postprocessor
+from firmware_app.tasks.finding import FindingStage, load_gate
 from firmware_app.types import Frame, Result
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Counters:
     frames_shown: int = 0
     frames_rejected: int = 0  # unreadable or malformed input items, skipped
     errors: int = 0
+    states: dict[str, int] = field(default_factory=dict)  # results by state (finding, no_finding, ...)
     dice_sum: float = 0.0
     dice_n: int = 0
 
@@ -169,6 +171,7 @@ class Pipeline:
         backend = self.choice.backend
         self.preprocess = Preprocessor(m, backend.input)
         self.postprocess = make_postprocessor(m, backend.outputs)
+        self.finding = FindingStage(m, load_gate(m), live=self.source.live)
         self.threshold = m.alert
         self.ai_enabled = True
         self.times = RollingTimes(self.options.stats_window)  # wall clock per stage (and end to end)
@@ -246,8 +249,12 @@ class Pipeline:
         """Prepare model + backend + pre/post-processing; the inference loop swaps them in between frames."""
         pre = Preprocessor(model.manifest, choice.backend.input)
         post = make_postprocessor(model.manifest, choice.backend.outputs)
+        if model.manifest is self.model.manifest:  # the same model on another backend: same gate, history
+            stage = self.finding
+        else:
+            stage = FindingStage(model.manifest, load_gate(model.manifest), live=self.source.live)
         with self._lock:
-            self._pending_model = (model, choice, pre, post)
+            self._pending_model = (model, choice, pre, post, stage)
 
     def _apply_pending_model(self) -> None:
         with self._lock:
@@ -256,7 +263,7 @@ class Pipeline:
             return
         old = self.choice.backend
         same_model = pending[0].manifest.id == self.model.manifest.id
-        self.model, self.choice, self.preprocess, self.postprocess = pending
+        self.model, self.choice, self.preprocess, self.postprocess, self.finding = pending
         m = self.model.manifest
         self.threshold = m.clamp_threshold(self.threshold) if same_model else m.alert
         old.close()
@@ -424,6 +431,15 @@ class Pipeline:
         self.cpu_times.add_ns("postprocess", c2, c3)
         return result
 
+    def decide(self, result: Result, frame: Frame) -> Result:
+        """The input gate and the finding rules (size, persistence): what ``result`` is (tasks.finding)."""
+        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
+        verdict = self.finding.check_gate(frame)
+        out = self.finding(result, frame, verdict)
+        self.times.add_ns("gate", t0, time.monotonic_ns())
+        self.cpu_times.add_ns("gate", c0, time.thread_time_ns())
+        return out
+
     def _fall_back_to_cpu(self, exc: Exception) -> None:
         """The accelerator failed mid-run: continue on the CPU now, retry the accelerator in the background."""
         from firmware_app.backends.litert import LiteRTBackend
@@ -481,7 +497,8 @@ class Pipeline:
                 self._results.put((frame, None))
                 continue
             try:
-                result = self.infer(frame, prepared)
+                task_result = self.infer(frame, prepared)
+                result = self.decide(task_result, frame)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the device
                 log.exception("inference failed on frame %d", frame.id)
                 self.notify(f"Inference failed on frame {frame.id}: {exc}")
@@ -490,9 +507,11 @@ class Pipeline:
                 continue
             with self._lock:
                 self.counters.frames_inferred += 1
+                self.counters.states[result.state] = self.counters.states.get(result.state, 0) + 1
                 n = self.counters.frames_inferred
-                if self.options.score_truth and frame.truth is not None and result.mask is not None:
-                    self.counters.dice_sum += upscaled_dice(result.mask, frame.truth)
+                # the model's own mask against the phantom's truth (before the finding rules hide it)
+                if self.options.score_truth and frame.truth is not None and task_result.mask is not None:
+                    self.counters.dice_sum += upscaled_dice(task_result.mask, frame.truth)
                     self.counters.dice_n += 1
             for listener in self.listeners:
                 try:
@@ -535,6 +554,7 @@ class Pipeline:
             frozen=self.frozen,
             silent_trial=self.silent_trial,
             input_warning=self.input_warning,
+            gate_installed=self.finding.gate is not None,
         )
 
     def _show_item(self, item: tuple[Frame, Result | None]) -> None:
@@ -638,6 +658,7 @@ class Pipeline:
             "frames_rejected": c.frames_rejected,
             "mismatched_overlays": self.screen.mismatched_overlays,
             "errors": c.errors,
+            "states": dict(c.states),
             "stages_ms": self.times.summary(),
             "cpu_ms": self.cpu_times.summary(),
             "model": f"{m.id}@{m.version}",

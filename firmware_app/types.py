@@ -67,6 +67,16 @@ class Result:
     boxes: detections (detection).
     probabilities: label -> probability (classification; segmentation: max probability per label).
     centroid: (x, y) of the finding; area_fraction: mask area / frame area.
+
+    The finding stage (``tasks.finding``) decides what the result *is*:
+    state: "finding" | "no_finding" | "unlike_training_data" (the input gate says the model does not apply)
+      | "ai_off"; "" before the finding stage. ``alert`` is never True unless state is "finding", and the
+      shapes (mask, contours, heatmap, boxes) are kept only for a finding.
+    gate: (score, threshold) of the input gate, or None when the model has no gate.
+    size: (value, unit) of the finding: unit "mm2" when the physical scale is known, else "fraction" of
+      the imaging region; None without a finding.
+    measurements: name -> (value, unit) of what can be measured (``area`` mm2, ``depth`` mm from the
+      transducer, ``width``/``height`` mm of a box ...), for the screen, the serial line and the records.
     """
 
     frame_id: int
@@ -81,6 +91,16 @@ class Result:
     boxes: tuple[Box, ...] = ()
     centroid: tuple[float, float] | None = None
     area_fraction: float | None = None
+    state: str = ""
+    gate: tuple[float, float] | None = None
+    size: tuple[float, str] | None = None
+    measurements: Mapping[str, tuple[float, str]] = field(default_factory=dict)
+    paused: str | None = None  # why the AI paused on this frame (state "unlike_training_data")
+
+    @property
+    def is_finding(self) -> bool:
+        """A finding, or a task's result the finding stage has not judged (its shapes are drawn as they are)."""
+        return self.state in ("finding", "")
 
     def mask_at(self, width: int, height: int) -> np.ndarray | None:
         """The mask as uint8 0/1, ``height`` x ``width`` (nearest neighbour), or None without one."""

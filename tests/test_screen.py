@@ -279,7 +279,7 @@ def test_render_reuses_its_buffer_and_is_fast():
 
 
 def test_measurements_are_a_readout_but_a_new_finding_shows_at_once(monkeypatch):
-    """Area and centroid change at most twice a second while the finding stays; label and alert at once."""
+    """Measurements change at most twice a second while the finding stays; label and alert at once."""
     import firmware_app.display.screen as screen_mod
 
     clock = [100.0]
@@ -291,7 +291,7 @@ def test_measurements_are_a_readout_but_a_new_finding_shows_at_once(monkeypatch)
         return sc._finding(ScreenState(frame=frame, result=result), result, None)
 
     first = finding(_seg(1, rect=(280, 200, 360, 260)))
-    moved = _seg(2, rect=(300, 220, 380, 280))
+    moved = _seg(2, rect=(300, 220, 400, 300))  # moved and grown
     clock[0] += 0.1
     assert finding(moved).lines == first.lines  # held: the same finding, 0.1 s later
     clock[0] += screen_mod.DETAIL_REFRESH_S
@@ -299,4 +299,5 @@ def test_measurements_are_a_readout_but_a_new_finding_shows_at_once(monkeypatch)
     alert = _seg(3, rect=(100, 100, 200, 200), alert=True)
     clock[0] += 0.01
     shown = finding(alert)
-    assert shown.alert and "Centroid (150, 150) px" in shown.lines  # a change of finding: at once
+    assert shown.alert and shown.lines != finding(moved).lines  # a change of finding: at once
+    assert not any("px" in line for line in shown.lines)  # no pixel positions on a clinician's screen

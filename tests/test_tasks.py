@@ -67,8 +67,10 @@ def test_segmentation_single_channel_float_probability():
     post = make_postprocessor(manifest(activation="none"), [spec])
     r = post([prob], 3, (8, 8), 0.5)
     assert r.mask[:4, :4].all() and r.mask.sum() == 16 and r.confidence == pytest.approx(0.8)
-    # a threshold above the probability finds nothing
-    assert post([prob], 3, (8, 8), 0.9).mask.sum() == 0
+    # the mask is the pixels above [finding] pixel_threshold (0.5); the threshold in force applies to the
+    # finding's confidence: above it, the same mask is no finding
+    high = post([prob], 3, (8, 8), 0.9)
+    assert high.mask.sum() == 16 and high.label is None and not high.alert
 
 
 def test_segmentation_uint8_output_dequantized_with_its_zero_point():
@@ -223,10 +225,11 @@ def test_integer_fast_path_equals_the_float_path(channels, activation, calibrati
         fast = post([raw], 1, (32, 32), threshold)
         probs = post.probability_maps(raw)[..., 0]
         slow_mask = cv2.resize(
-            (probs > threshold).astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST
+            (probs > m.finding.pixel_threshold).astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST
         )
         assert np.array_equal(fast.mask_at(32, 32), slow_mask)
-        assert fast.confidence == pytest.approx(float(probs.max()), abs=1e-6)
+        assert fast.confidence == pytest.approx(float(probs.max()), abs=1e-6)  # no finding-level fit
+        assert fast.alert == (fast.confidence >= threshold)
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,7 @@ class ScreenState:
     silent_trial: bool = False  # only the image and "SILENT TRIAL": no overlay, no finding
     input_warning: str | None = None  # e.g. "INPUT UNLIKE TRAINING DATA"
     frozen: bool = False  # the clinician froze the image for review -> "FROZEN"
+    gate_installed: bool = True  # False: the model has no input gate -> "NO INPUT GATE"
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class _Sizes:
 class _Finding:
     """What the finding section shows; also its cache key."""
 
-    mode: str  # "result" | "stale" | "pending" | "none" | "off" | "silent"
+    mode: str  # "result" | "stale" | "paused" | "pending" | "none" | "off" | "silent"
     label: str | None = None
     confidence: float | None = None
     alert: bool = False
@@ -254,7 +255,7 @@ class Screen:
             perf_h = cap_h + body_h
             self.perf_rect = Rect(x, y - perf_h, w, perf_h)
             y -= perf_h + 2 * s.gap
-            model_h = cap_h + 3 * body_h
+            model_h = cap_h + 4 * body_h
             self.model_rect = Rect(x, y - model_h, w, model_h)
             y -= model_h + s.gap
             dividers.append((y, bottom_col))
@@ -327,17 +328,28 @@ class Screen:
 
         self._draw_image(frame, dim=state.no_signal)
         ai_shown = not (state.ai_off or state.silent_trial)
-        if matched is not None and ai_shown and self.image_rect is not None and frame is not None:
+        finding_shown = matched is not None and matched.is_finding
+        if finding_shown and ai_shown and self.image_rect is not None and frame is not None:
             self._draw_overlay(matched, frame)
         if state.no_signal or frame is None:
             self._draw_center_notice(state.no_signal)
 
         finding = self._finding(state, matched, older)
-        self._draw_banners(state, stale=finding.mode == "stale")
+        self._draw_banners(
+            state, stale=finding.mode == "stale", paused=finding.lines if finding.mode == "paused" else None
+        )
         self._section("finding", finding, self.finding_rect, lambda v: self._draw_finding(v, finding))
         thr = state.threshold
         self._section("threshold", thr, self.threshold_rect, lambda v: self._draw_threshold(v, thr))
-        model = (state.model_id, state.model_version, state.task, state.backend, state.fallback_notice)
+        region = _region_line(frame)
+        model = (
+            state.model_id,
+            state.model_version,
+            state.task,
+            state.backend,
+            state.fallback_notice,
+            region,
+        )
         self._section("model", model, self.model_rect, lambda v: self._draw_model(v, *model))
         perf = (_fmt(state.fps, 1), _fmt(state.latency_ms, 0))
         self._section("perf", perf, self.perf_rect, lambda v: self._draw_perf(v, *perf))
@@ -537,8 +549,10 @@ class Screen:
 
     # ----- banners ----------------------------------------------------------------------------------------
 
-    def _draw_banners(self, state: ScreenState, stale: bool) -> None:
+    def _draw_banners(self, state: ScreenState, stale: bool, paused: tuple[str, ...] | None = None) -> None:
         chips: list[tuple[str, Color]] = []
+        if paused is not None and not (state.ai_off or state.silent_trial):
+            chips.append((f"AI PAUSED — {paused[0]}".upper(), AMBER))
         if state.frozen:
             chips.append(("FROZEN", CHIP_INFO))
         if state.ai_off:
@@ -552,6 +566,8 @@ class Screen:
             )
         if state.input_warning:
             chips.append((state.input_warning.strip().upper(), AMBER))
+        if not state.gate_installed:
+            chips.append(("NO INPUT GATE", AMBER))
         if stale and not (state.ai_off or state.silent_trial):
             chips.append(("STALE", CHIP_INFO))
         if state.ai_pending and state.frame is not None and not (state.ai_off or state.silent_trial):
@@ -597,6 +613,8 @@ class Screen:
             return _Finding("off")
         for mode, r in (("result", matched), ("stale", older)):
             if r is not None:
+                if r.state == "unlike_training_data":
+                    return _Finding("paused", lines=(r.paused or "image unlike training data",))
                 return _Finding(mode, r.label, _shown_pct(r.confidence), r.alert, self._details(mode, r))
         if state.ai_pending:
             return _Finding("pending")
@@ -621,6 +639,14 @@ class Screen:
         if stale:
             self._text(v, "STALE", w, 0, s.caption, AMBER, anchor="rt")
         y += s.gap
+        if f.mode == "paused":
+            self._text(v, "AI paused", 0, y, s.value, AMBER, max_width=w)
+            y += int(s.value * 1.4)
+            reason = f.lines[0]
+            self._text(v, reason[:1].upper() + reason[1:], 0, y, s.body, TEXT, self._regular, max_width=w)
+            y += self._regular.get(s.body).line_height
+            self._text(v, "No finding is shown", 0, y, s.body, TEXT_2, self._regular, max_width=w)
+            return
         if f.mode in ("silent", "off", "pending", "none"):
             text = {
                 "silent": "Silent trial",
@@ -674,7 +700,7 @@ class Screen:
     def _draw_threshold(self, v: np.ndarray, thr: float | None) -> None:
         s = self.sz
         x0, _, _, _ = self._text(
-            v, "—" if thr is None else f"{thr:.2f}", v.shape[1], 0, s.body, TEXT, anchor="rt"
+            v, "—" if thr is None else f"{thr * 100:.0f}%", v.shape[1], 0, s.body, TEXT, anchor="rt"
         )
         label = (
             "Alert threshold"
@@ -683,7 +709,7 @@ class Screen:
         )
         self._text(v, label, 0, 0, s.body, TEXT_2, self._regular, max_width=x0 - s.gap)
 
-    def _draw_model(self, v: np.ndarray, model_id, version, task, backend, fallback) -> None:
+    def _draw_model(self, v: np.ndarray, model_id, version, task, backend, fallback, region) -> None:
         s = self.sz
         w = v.shape[1]
         _, _, _, y = self._text(v, "MODEL", 0, 0, s.caption, TEXT_2)
@@ -693,9 +719,11 @@ class Screen:
         if fallback:
             note = fallback.split(":", 1)[1].strip() if ":" in fallback else fallback
             text = f"{backend} ({note})" if backend else fallback
-            self._text(v, text, 0, y, s.body, AMBER, self._regular, max_width=w)
+            _, _, _, y = self._text(v, text, 0, y, s.body, AMBER, self._regular, max_width=w)
         else:
-            self._text(v, backend, 0, y, s.body, TEXT_2, self._regular, max_width=w)
+            _, _, _, y = self._text(v, backend, 0, y, s.body, TEXT_2, self._regular, max_width=w)
+        if region:
+            self._text(v, region, 0, y, s.body, TEXT_2, self._regular, max_width=w)
 
     def _draw_perf(self, v: np.ndarray, fps: str, latency: str) -> None:
         s = self.sz
@@ -731,18 +759,46 @@ def _shown_pct(confidence: float | None) -> float | None:
 
 
 def _where(r: Result) -> tuple[str, ...]:
-    """The location lines of a finding (frame pixel coordinates)."""
+    """The measurement lines of a finding: physical units when the scale is known, never pixel positions."""
     lines = []
-    if r.area_fraction is not None:
-        lines.append(f"Area {r.area_fraction * 100:.1f} %")
-    if r.centroid is not None:
-        lines.append(f"Centroid ({r.centroid[0]:.0f}, {r.centroid[1]:.0f}) px")
+    m = r.measurements
+    size = []
+    if "area" in m:
+        mm2 = m["area"][0]
+        size.append(f"{mm2 / 100:.1f} cm²" if mm2 >= 100 else f"{mm2:.0f} mm²")
+    if "width" in m and "height" in m:
+        size.append(f"{m['width'][0]:.0f} × {m['height'][0]:.0f} mm")
+    if size:
+        lines.append("Size " + " · ".join(size))
+    elif r.size is not None and r.size[1] == "fraction":
+        lines.append(f"Area {r.size[0] * 100:.1f} % of image")
+    elif r.area_fraction is not None:
+        lines.append(f"Area {r.area_fraction * 100:.1f} % of image")
+    if "depth" in m:
+        lines.append(f"Depth {m['depth'][0]:.0f} mm from probe")
     if r.boxes:
         n = len(r.boxes)
         lines.insert(0, f"{n} box" if n == 1 else f"{n} boxes")
     if not lines and r.heatmap is not None:
         lines.append("Heatmap shown on image")
     return tuple(lines)
+
+
+_REGION_NAMES = {
+    "board": "board crop",
+    "dicom": "from DICOM",
+    "detected": "detected",
+    "full_frame": "full frame",
+}
+
+
+def _region_line(frame: Frame | None) -> str | None:
+    """Where the imaging region came from, and the scale: "Region from DICOM · 0.26 mm/px"."""
+    if frame is None or "region_from" not in frame.meta:
+        return None
+    text = f"Region {_REGION_NAMES.get(frame.meta['region_from'], frame.meta['region_from'])}"
+    mm = frame.meta.get("mm_per_px")
+    return f"{text} · {mm[0]:.2f} mm/px" if mm else text
 
 
 def _as_uint8_image(px: np.ndarray) -> np.ndarray:

@@ -32,6 +32,36 @@ class Calibration:
     b: float = 0.0
 
 
+FINDING_FEATURES = ("max_logit", "log_area", "mean_logit")  # segmentation finding-level calibration inputs
+
+
+@dataclass(frozen=True)
+class FindingRules:
+    """``[finding]``: what makes a result a finding (``tasks.finding``).
+
+    min_size_mm2 applies when the physical scale is known, else min_size_fraction of the imaging region.
+    A live stream alerts once ``persist_k`` of the last ``persist_n`` frames hold the finding and stops
+    when fewer than ``release_k`` do (hysteresis); a single image decides on itself.
+    Segmentation: the mask is the pixels above ``pixel_threshold``; the finding's confidence is
+    ``sigmoid(intercept + coef . features)`` over FINDING_FEATURES (fit on held-out data by
+    tools/fit_finding.py), or without it the highest pixel probability (uncalibrated).
+    """
+
+    min_size_mm2: float | None = None
+    min_size_fraction: float = 0.001
+    persist_k: int = 3
+    persist_n: int = 5
+    release_k: int = 1
+    pixel_threshold: float = 0.5
+    coef: tuple[float, ...] | None = None
+    intercept: float = 0.0
+    ece: float | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.coef is not None
+
+
 @dataclass(frozen=True)
 class Manifest:
     id: str
@@ -53,6 +83,11 @@ class Manifest:
     calibration: Calibration = Calibration()
     golden_atol: float = 1.0
     reference: dict[str, Any] | None = None  # [reference]: training input statistics (drift warning)
+    finding: FindingRules = FindingRules()
+    has_finding_table: bool = False  # the manifest states its [finding] rules (else the defaults above)
+    gate: dict[str, Any] | None = (
+        None  # [gate]: the input gate's file and operating point (firmware_app.gate)
+    )
     path: Path | None = None  # the folder
 
     def clamp_threshold(self, value: float) -> float:
@@ -74,6 +109,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "calibration": ((dict,), False),
         "golden": ((dict,), False),
         "reference": ((dict,), False),  # input statistics for the drift warning (records.drift)
+        "finding": ((dict,), False),  # what makes a result a finding (FindingRules)
+        "gate": ((dict,), False),  # the input gate (firmware_app.gate)
     },
     "input": {
         "width": ((int,), True),
@@ -101,6 +138,19 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "ece_after": ((float, int), False),
     },
     "golden": {"atol": ((float, int), True)},
+    "finding": {
+        "min_size_mm2": ((float, int), False),
+        "min_size_fraction": ((float, int), False),
+        "persistence": ((list,), False),
+        "release": ((int,), False),
+        "pixel_threshold": ((float, int), False),
+        "features": ((list,), False),
+        "coef": ((list,), False),
+        "intercept": ((float, int), False),
+        "ece": ((float, int), False),
+        "ece_before": ((float, int), False),
+        "cases": ((int,), False),
+    },
 }
 
 
@@ -125,7 +175,7 @@ def _check_table(table: dict[str, Any], section: str, where: str) -> None:
 
 def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None) -> Manifest:
     _check_table(data, "", where)
-    for section in ("input", "output", "thresholds", "calibration", "golden"):
+    for section in ("input", "output", "thresholds", "calibration", "golden", "finding"):
         if section in data:
             _check_table(data[section], section, where)
     inp, out, thr = data["input"], data["output"], data["thresholds"]
@@ -186,6 +236,7 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         problems = check_reference(reference)
         if problems:
             raise bad(problems[0])
+    finding = _finding_rules(data.get("finding", {}), data["task"], bad)
     atol = float(data.get("golden", {}).get("atol", 1.0))
     if atol < 0:
         raise bad(f"[golden] atol {atol} must be >= 0")
@@ -209,8 +260,66 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         calibration=cal,
         golden_atol=atol,
         reference=reference,
+        finding=finding,
+        has_finding_table="finding" in data,
+        gate=data.get("gate"),
         path=folder,
     )
+
+
+def _finding_rules(t: dict[str, Any], task: str, bad) -> FindingRules:
+    rules = FindingRules()
+    mm2 = t.get("min_size_mm2")
+    frac = float(t.get("min_size_fraction", rules.min_size_fraction))
+    if mm2 is not None and not 0 <= float(mm2) < 1e6:
+        raise bad(f"[finding] min_size_mm2 {mm2} must be >= 0")
+    if not 0.0 <= frac < 1.0:
+        raise bad(f"[finding] min_size_fraction {frac} must be in [0, 1)")
+    k, n = rules.persist_k, rules.persist_n
+    pers = t.get("persistence")
+    if pers is not None:
+        if len(pers) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pers):
+            raise bad(
+                f"[finding] persistence must be [k, n] (alert when k of the last n frames hold), got {pers!r}"
+            )
+        k, n = pers
+    if not 1 <= k <= n <= 100:
+        raise bad(f"[finding] persistence [{k}, {n}] needs 1 <= k <= n <= 100")
+    release = int(t.get("release", min(rules.release_k, k)))
+    if not 1 <= release <= k:
+        raise bad(f"[finding] release {release} must be in 1..k ({k})")
+    pix = float(t.get("pixel_threshold", rules.pixel_threshold))
+    if not 0.0 < pix < 1.0:
+        raise bad(f"[finding] pixel_threshold {pix} must be in (0, 1)")
+    coef = None
+    if "coef" in t or "features" in t:
+        if task != "segmentation":
+            raise bad("[finding] features/coef (finding-level calibration) apply to segmentation models only")
+        feats, c = t.get("features"), t.get("coef")
+        if feats != list(FINDING_FEATURES):
+            raise bad(f"[finding] features must be {list(FINDING_FEATURES)}, got {feats!r}")
+        if not (isinstance(c, list) and len(c) == len(feats) and all(_finite(v) for v in c)):
+            raise bad(f"[finding] coef must be {len(FINDING_FEATURES)} numbers, got {c!r}")
+        if not _finite(t.get("intercept", 0.0)):
+            raise bad("[finding] intercept must be a finite number")
+        coef = tuple(float(v) for v in c)
+    return FindingRules(
+        min_size_mm2=None if mm2 is None else float(mm2),
+        min_size_fraction=frac,
+        persist_k=int(k),
+        persist_n=int(n),
+        release_k=release,
+        pixel_threshold=pix,
+        coef=coef,
+        intercept=float(t.get("intercept", 0.0)),
+        ece=float(t["ece"]) if "ece" in t else None,
+    )
+
+
+def _finite(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_manifest(folder: str | Path) -> Manifest:

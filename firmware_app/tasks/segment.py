@@ -1,9 +1,16 @@
-"""Segmentation: probability map -> mask, area, centroid, contour and max probability of the finding.
+"""Segmentation: probability map -> mask, area, centroid, contour and the finding's confidence.
 
 One output channel is the probability of ``labels[1]``; C channels are one per label and the finding is the
 non-background label with the largest area. Everything runs at the model's resolution: the mask stays there
 (``Result.mask_at`` stretches it when a full-size copy is wanted), contours and centroid are scaled to frame
 coordinates as numbers.
+
+The mask is the pixels above the manifest's ``[finding] pixel_threshold``. The *finding's* confidence is not
+a pixel's: it is the calibrated probability that the finding is present at all,
+``sigmoid(intercept + coef . features)`` over three features of the probability map (``finding_features``:
+the logit of the highest pixel probability, the log of the mask's area fraction, the logit of the mean
+probability inside the mask), fit on held-out data by ``tools/fit_finding.py``. A model without that fit
+reports the highest pixel probability (uncalibrated). The threshold in force applies to that confidence.
 """
 
 from __future__ import annotations
@@ -13,9 +20,31 @@ import numpy as np
 
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
-from firmware_app.models.manifest import Manifest
-from firmware_app.tasks.calibrate import probabilities, quantized_table
+from firmware_app.models.manifest import FindingRules, Manifest
+from firmware_app.tasks.calibrate import logit, probabilities, quantized_table, sigmoid
 from firmware_app.types import Result
+
+AREA_EPS = 1e-4  # the area fraction's floor in log_area (an empty mask)
+
+
+def finding_features(prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[max_logit, log_area, mean_logit] of a probability map and its mask (FINDING_FEATURES)."""
+    top = float(prob.max())
+    n = int(np.count_nonzero(mask))
+    mean_in = float(prob[mask.view(bool)].mean()) if n else top
+    area = n / mask.size
+    return np.array(
+        [float(logit(np.float64(top))), np.log(area + AREA_EPS), float(logit(np.float64(mean_in)))]
+    )
+
+
+def finding_confidence(rules: FindingRules, prob: np.ndarray, mask: np.ndarray) -> float:
+    """The calibrated probability that the finding is present (or the top pixel's without a fit)."""
+    if rules.coef is None:
+        return float(prob.max())
+    features = finding_features(prob, mask)
+    z = rules.intercept + float(np.dot(rules.coef, features))
+    return float(sigmoid(np.float64(z)))
 
 
 class Segmenter:
@@ -50,18 +79,20 @@ class Segmenter:
     def __call__(
         self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
     ) -> Result:
+        cut = self.m.finding.pixel_threshold
         if self._table is not None:
             prob = self._table[self._index(raw_outputs[0][0])]
-            small = (prob > threshold).view(np.uint8)
+            small = (prob > cut).view(np.uint8)
             k, top = 0, float(prob.max())
             max_per_label = {self.m.labels[1]: top}
         else:
             probs = self.probability_maps(raw_outputs[0])
-            masks = probs > threshold  # a tie (p = 0.5 with threshold 0.5) is background, as argmax
+            masks = probs > cut  # a tie (p = 0.5 with threshold 0.5) is background, as argmax
             k = int(np.argmax(masks.reshape(-1, masks.shape[-1]).sum(axis=0))) if masks.shape[-1] > 1 else 0
             small = np.ascontiguousarray(masks[..., k]).view(np.uint8)
             max_per_label = {self.m.labels[i + 1]: float(probs[..., i].max()) for i in range(probs.shape[-1])}
-            top = max_per_label[self.m.labels[k + 1]]
+            prob = probs[..., k]
+        confidence = finding_confidence(self.m.finding, prob, small)
         label = self.m.labels[k + 1]
         fw, fh = frame_size
         mh, mw = self.out_hw
@@ -71,7 +102,7 @@ class Segmenter:
                 frame_id=frame_id,
                 task="segmentation",
                 label=None,
-                confidence=top,
+                confidence=confidence,
                 alert=False,
                 probabilities=max_per_label,
                 mask=small,
@@ -85,13 +116,13 @@ class Segmenter:
             (c.reshape(-1, 2).astype(np.float32) * scale + offset).astype(np.int32) for c in contours
         )
         centroid = ((mom["m10"] / mom["m00"] + 0.5) * sx, (mom["m01"] / mom["m00"] + 0.5) * sy)
-        confidence = top  # the highest probability lies inside the mask whenever the mask is not empty
+        candidate = confidence >= threshold
         return Result(
             frame_id=frame_id,
             task="segmentation",
-            label=label,
+            label=label if candidate else None,
             confidence=confidence,
-            alert=True,  # the mask holds pixels above the threshold in force
+            alert=candidate,  # the finding rules (size, persistence) decide whether it alerts
             probabilities=max_per_label,
             mask=small,
             contours=frame_contours,

@@ -1,0 +1,190 @@
+"""What a task's result *is*: the input gate, the minimum size and persistence make a finding.
+
+The model decides nothing alone (../shared/DESIGN.md, "Data flow"):
+
+1. **Input gate.** When the gate (``firmware_app.gate``) says the model does not apply to this frame (unlike
+   its training data, blank, a frozen live picture), the result is ``unlike_training_data``: no label, no
+   confidence, no shapes, no alert. The screen says "AI PAUSED".
+2. **Minimum size.** A segmentation mask or a detection box smaller than the manifest's ``[finding]``
+   minimum (mm² when the physical scale is known, else a fraction of the imaging region) is no finding.
+3. **Persistence.** In a stream (a live source, a cine, a video) the finding must hold in ``k`` of the last
+   ``n`` frames before it is one, and it stays one until fewer than ``release`` of them hold (hysteresis,
+   so the ALERT does not flicker). A single image (one DICOM frame, one file of an image folder) decides
+   on itself.
+
+Only a finding alerts, and only a finding keeps its shapes (mask, contours, heatmap, boxes): nothing is
+drawn, recorded as a finding or sent as one otherwise. Measurements are in millimetres when the frame's
+``mm_per_px`` is known (``sources.region``): area, the extent of the mask or box, and for ultrasound the
+depth of its centre from the transducer face (``depth_origin_y``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from firmware_app.models.manifest import Manifest
+from firmware_app.types import Box, Frame, Result
+
+log = logging.getLogger(__name__)
+
+# modalities without a depth from a transducer
+_PROJECTION = frozenset({"CR", "DX", "MG", "RG", "DR", "IO", "PX", "XA", "RF"})
+STATES = ("finding", "no_finding", "unlike_training_data", "ai_off")
+
+
+class Verdict(Protocol):  # firmware_app.gate.GateVerdict
+    score: float
+    threshold: float
+    flagged: bool
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Why the AI is paused for one frame when no gate verdict says it (a frozen live picture)."""
+
+    reason: str
+    score: float = float("nan")
+    threshold: float = float("nan")
+    flagged: bool = True
+
+
+def load_gate(manifest: Manifest) -> Any:
+    """The model's input gate, or None when its manifest has no ``[gate]`` table."""
+    if not manifest.gate:
+        return None
+    from firmware_app.gate import InputGate
+
+    return InputGate.from_manifest(manifest)
+
+
+class FindingStage:
+    """One per model and source: keeps the persistence history of the stream it sees."""
+
+    def __init__(self, manifest: Manifest, gate: Any = None, live: bool = False) -> None:
+        self.m = manifest
+        self.rules = manifest.finding
+        self.gate = gate
+        self.live = live
+        self._history: deque[bool] = deque(maxlen=self.rules.persist_n)
+        self._stream: Any = None
+        self._on = False
+
+    def reset(self) -> None:
+        self._history.clear()
+        self._on = False
+
+    def check_gate(self, frame: Frame) -> Verdict | None:
+        return None if self.gate is None else self.gate.check(frame.pixels)
+
+    def __call__(self, result: Result, frame: Frame, verdict: Verdict | None = None) -> Result:
+        """The task's ``result`` of ``frame`` -> the result as shown, sent and recorded."""
+        gate = None
+        if verdict is not None and np.isfinite(verdict.score):
+            gate = (float(verdict.score), float(verdict.threshold))
+        single = self._single(frame)
+        if verdict is not None and verdict.flagged:
+            self._remember(False, single)
+            return _bare(
+                result, "unlike_training_data", gate, paused=verdict.reason or "unlike training data"
+            )
+        result, size, measurements = self._measure(result, frame)
+        candidate = bool(result.alert) and result.label is not None
+        on = self._remember(candidate, single)
+        if not on:
+            bare = _bare(result, "no_finding", gate)
+            return replace(bare, confidence=result.confidence)
+        return replace(result, state="finding", alert=True, gate=gate, size=size, measurements=measurements)
+
+    # -- persistence --
+    def _single(self, frame: Frame) -> bool:
+        return not self.live and bool(frame.meta.get("single_image"))
+
+    def _remember(self, candidate: bool, single: bool) -> bool:
+        if single:
+            self._history.clear()
+            self._on = False
+            return candidate
+        r = self.rules
+        self._history.append(candidate)
+        held = sum(self._history)
+        self._on = held >= r.release_k if self._on else held >= r.persist_k
+        return self._on
+
+    # -- size --
+    def _measure(self, result: Result, frame: Frame) -> tuple[Result, tuple[float, str] | None, dict]:
+        mm = frame.meta.get("mm_per_px")
+        mm = (float(mm[0]), float(mm[1])) if mm else None
+        depth0 = float(frame.meta.get("depth_origin_y") or 0.0)
+        depth_ok = mm is not None and frame.meta.get("Modality") not in _PROJECTION
+        area_px = float(frame.width * frame.height)
+        if result.task == "segmentation" and result.area_fraction:
+            frac = float(result.area_fraction)
+            size = (frac * area_px * mm[0] * mm[1], "mm2") if mm else (frac, "fraction")
+            meas: dict[str, tuple[float, str]] = {}
+            if mm:
+                meas["area"] = (size[0], "mm2")
+                pts = np.concatenate([c.reshape(-1, 2) for c in result.contours]) if result.contours else None
+                if pts is not None and len(pts):
+                    meas["width"] = (float(np.ptp(pts[:, 0]) + 1) * mm[0], "mm")
+                    meas["height"] = (float(np.ptp(pts[:, 1]) + 1) * mm[1], "mm")
+                if depth_ok and result.centroid is not None:
+                    meas["depth"] = (max(0.0, (result.centroid[1] - depth0) * mm[1]), "mm")
+            if not self._big_enough(frac, size[0] if mm else None):
+                return replace(result, alert=False, label=None), size, meas
+            return result, size, meas
+        if result.task == "detection" and result.boxes:
+            kept = tuple(b for b in result.boxes if self._big_enough(*_box_size(b, area_px, mm)))
+            if not kept:
+                return replace(result, alert=False, label=None, boxes=(), centroid=None), None, {}
+            top = kept[0]
+            frac, mm2 = _box_size(top, area_px, mm)
+            size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
+            meas = {}
+            if mm:
+                meas = {
+                    "width": ((top.x1 - top.x0) * mm[0], "mm"),
+                    "height": ((top.y1 - top.y0) * mm[1], "mm"),
+                }
+                if depth_ok:
+                    meas["depth"] = (max(0.0, ((top.y0 + top.y1) / 2 - depth0) * mm[1]), "mm")
+            return replace(result, boxes=kept, label=top.label, confidence=top.score), size, meas
+        return result, None, {}
+
+    def _big_enough(self, fraction: float, mm2: float | None) -> bool:
+        """mm² against the minimum in mm² when both are known, else the fraction of the region."""
+        if mm2 is not None and self.rules.min_size_mm2 is not None:
+            return mm2 >= self.rules.min_size_mm2
+        return fraction >= self.rules.min_size_fraction
+
+
+def _box_size(b: Box, area_px: float, mm: tuple[float, float] | None) -> tuple[float, float | None]:
+    """(fraction of the region, mm² or None) of a box."""
+    w, h = max(0.0, b.x1 - b.x0), max(0.0, b.y1 - b.y0)
+    return w * h / area_px, (w * h * mm[0] * mm[1] if mm else None)
+
+
+def _bare(result: Result, state: str, gate: tuple[float, float] | None, paused: str | None = None) -> Result:
+    """``result`` without a finding: no label, no shapes, no alert."""
+    return replace(
+        result,
+        state=state,
+        label=None,
+        confidence=None,
+        alert=False,
+        mask=None,
+        contours=(),
+        heatmap=None,
+        boxes=(),
+        centroid=None,
+        area_fraction=None,
+        gate=gate,
+        size=None,
+        measurements={},
+        paused=paused,
+    )

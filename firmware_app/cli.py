@@ -63,6 +63,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--display", action="append", help="display URI, repeatable (default: the board's)")
     p.add_argument("--frames", type=_positive, help="stop after N frames have been inferred")
     p.add_argument("--stats", help="write stats.json here at the end")
+    p.add_argument("--results", metavar="FILE", help="one JSON line per analysed frame (the results stream)")
     p.add_argument("--capture-every", type=_positive, metavar="K", help="capture every K-th analysed frame")
     p.add_argument(
         "--silent-trial",
@@ -205,6 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_frames=args.frames,
         capture_every=args.capture_every or 0,
         silent_trial=args.silent_trial,
+        results_path=args.results,
     )
     pipeline = daemon.pipeline
     for notice in pipeline.choice.notices:

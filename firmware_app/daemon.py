@@ -58,7 +58,12 @@ class Daemon:
         pin_factory: Any = None,
         serial_opener: Any = None,
         accelerator: Any = None,
+        results_path: str | Path | None = None,
     ) -> None:
+        if results_path is not None:
+            from firmware_app.records.results_stream import ResultsStream
+
+            ResultsStream.check_writable(results_path)  # before any work starts
         self.board = board
         self.data_dir = Path(data_dir)
         self._stop = threading.Event()
@@ -121,6 +126,14 @@ class Daemon:
         self._setup_drift(model)
         p.listeners.append(self._on_result)
 
+        # the per-frame results stream for integrators (run --results FILE)
+        self.results = None
+        if results_path is not None:
+            from firmware_app.records.results_stream import ResultsStream
+
+            self.results = ResultsStream(results_path, self._describe)
+            p.listeners.append(self.results.on_result)
+
         # buttons, lights and the serial link, when the board has them
         self.panel = None
         self.link = None
@@ -161,6 +174,8 @@ class Daemon:
             self.checkpointer.start()
         if self.recorder is not None:
             self.recorder.start()
+        if self.results is not None:
+            self.results.start()
         p.start()
         if self.panel is not None:
             self.panel.start()
@@ -196,6 +211,8 @@ class Daemon:
             self.panel.close()
         if self.recorder is not None:
             self.recorder.close()
+        if self.results is not None:
+            self.results.close()
         stats = self.pipeline.stats()
         self._audit(
             "stop",
@@ -251,6 +268,12 @@ class Daemon:
     def _on_result(self, frame: Frame, result: Result) -> None:
         if self.drift is not None:
             self.pipeline.input_warning = self.drift.update(frame)
+
+    def _describe(self) -> tuple[str, str, bool]:
+        """(model "id@version", backend, shown) for the results stream."""
+        p = self.pipeline
+        m = p.model.manifest
+        return f"{m.id}@{m.version}", p.choice.backend.name, not self.silent_trial
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is None:

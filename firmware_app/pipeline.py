@@ -431,6 +431,13 @@ class Pipeline:
         self.cpu_times.add_ns("postprocess", c2, c3)
         return result
 
+    def _tell_listeners(self, frame: Frame, result: Result) -> None:
+        for listener in self.listeners:
+            try:
+                listener(frame, result)
+            except Exception:  # noqa: BLE001
+                log.exception("result listener %r failed", listener)
+
     def decide(self, result: Result, frame: Frame) -> Result:
         """The input gate and the finding rules (size, persistence): what ``result`` is (tasks.finding)."""
         t0, c0 = time.monotonic_ns(), time.thread_time_ns()
@@ -494,6 +501,8 @@ class Pipeline:
                 continue  # the screen holds the frozen image; live frames are not inferred meanwhile
             self._apply_pending_model()
             if not self.ai_enabled:
+                off = Result(frame.id, self.model.manifest.task, None, None, state="ai_off")
+                self._tell_listeners(frame, off)
                 self._results.put((frame, None))
                 continue
             try:
@@ -513,11 +522,7 @@ class Pipeline:
                 if self.options.score_truth and frame.truth is not None and task_result.mask is not None:
                     self.counters.dice_sum += upscaled_dice(task_result.mask, frame.truth)
                     self.counters.dice_n += 1
-            for listener in self.listeners:
-                try:
-                    listener(frame, result)
-                except Exception:  # noqa: BLE001
-                    log.exception("result listener %r failed", listener)
+            self._tell_listeners(frame, result)
             self._results.put((frame, result))
             if max_frames is not None and n >= max_frames:
                 self.source.stop()

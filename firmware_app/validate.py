@@ -60,7 +60,8 @@ from firmware_app.models.manifest import Manifest
 from firmware_app.models.store import ModelRef, find_model
 from firmware_app.preprocess import Preprocessor
 from firmware_app.tasks import make_postprocessor
-from firmware_app.types import Result
+from firmware_app.tasks.finding import FindingStage
+from firmware_app.types import Frame, Result
 
 log = logging.getLogger(__name__)
 
@@ -565,7 +566,10 @@ class _Segmentation(_Task):
         super().__init__(m, threshold)
         self.rows: list[tuple[float, ...]] = []  # inter, psum, tsum, truth_pos, pred_pos, fp_regions, union
         self.s: list[float] = []
-        self.bins: list[np.ndarray] = []
+        self.bins: list[np.ndarray] = []  # pixel calibration at the model's resolution
+        self.finding_p: list[float] = []  # finding-level confidence, and whether the truth holds a finding
+        self.finding_y: list[float] = []
+        self.stage = FindingStage(m)  # a single image decides on itself (size, no persistence)
 
     def add(self, case, pixels, int8, flt, thumbs):
         h, w = pixels.shape[:2]
@@ -586,9 +590,13 @@ class _Segmentation(_Task):
         ph, pw = probs.shape
         frac = cv2.resize(truth.astype(np.float32), (pw, ph), interpolation=cv2.INTER_AREA)
         self.bins.append(calibration_bins(probs, frac))
-        score = float(r.probabilities and max(r.probabilities.values()) or 0.0)
+        # the finding as the device decides it: calibrated confidence, threshold, minimum size
+        decided = self.stage(r, Frame(0, 0, pixels, {"single_image": True}))
+        score = float(r.confidence or 0.0)
         self.s.append(score)
-        self.rows.append((inter, psum, tsum, float(tsum > 0), float(r.alert), fp_regions, union))
+        self.finding_p.append(score)
+        self.finding_y.append(float(tsum / (h * w) >= self.m.finding.min_size_fraction))
+        self.rows.append((inter, psum, tsum, float(tsum > 0), float(decided.alert), fp_regions, union))
         if flt is not None:
             rf = flt.result(flt.raw(pixels), (w, h), self.threshold)
             mf = rf.mask_at(w, h) if rf.mask is not None else np.zeros((h, w), np.uint8)
@@ -639,10 +647,20 @@ class _Segmentation(_Task):
         out["auc"] = _metric(*auc_score(tpos, np.array(self.s), w))
         out["fp_per_case"] = _metric(*ratio(fpr, np.ones(n), w))
         bins = np.stack(self.bins) if self.bins else np.zeros((0, 3, ECE_BINS))
-        out["ece"] = _metric(*ece_score(bins, w), bins=ECE_BINS, unit="pixels at the model's resolution")
+        # the finding's confidence (is a finding present at all?) against the truth: what a clinician reads
+        fbins = np.stack([calibration_bins([p], [y]) for p, y in zip(self.finding_p, self.finding_y)])
+        out["ece"] = _metric(
+            *ece_score(fbins, w),
+            bins=ECE_BINS,
+            unit="cases: the finding's confidence against a truth finding of the minimum size",
+            calibrated=self.m.finding.calibrated,
+        )
+        out["ece_pixels"] = _metric(
+            *ece_score(bins, w), bins=ECE_BINS, unit="pixels at the model's resolution"
+        )
         out["curves"] = {
             "roc": roc_curve(tpos, np.array(self.s)),
-            "calibration": calibration_curve(bins.sum(axis=0) if len(bins) else np.zeros((3, ECE_BINS))),
+            "calibration": calibration_curve(fbins.sum(axis=0)),
         }
         return out
 

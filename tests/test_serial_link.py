@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 serial = pytest.importorskip(
@@ -34,7 +35,7 @@ from firmware_app.device.serial_link import (  # noqa: E402
     result_json,
 )
 from firmware_app.errors import BadConfig  # noqa: E402
-from firmware_app.types import Box, Result  # noqa: E402
+from firmware_app.types import Box, Frame, Result  # noqa: E402
 
 NOW = datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=timezone.utc)
 
@@ -63,40 +64,61 @@ def wait_until(condition, timeout: float = 3.0) -> bool:
 # -- formats -------------------------------------------------------------------------------------
 
 
-def test_result_json_line_has_time_frame_model_finding_confidence_location_alert():
-    line = result_json(seg_result(), "us-fluid-seg", "1.0.0", NOW)
+def test_result_json_line_is_the_results_stream_record():
+    frame = Frame(
+        7,
+        0,
+        np.zeros((100, 200), np.uint8),
+        {
+            "source": "dicom:/x.dcm",
+            "path": "/x.dcm",
+            "frame_index": 3,
+            "imaging_region": [10, 20, 200, 100],
+            "region_from": "dicom",
+            "mm_per_px": [0.2, 0.2],
+        },
+    )
+    line = result_json(seg_result(), "us-fluid-seg", "1.0.0", NOW, frame, "litert-cpu")
     assert "\n" not in line
     d = json.loads(line)
-    assert d == {
-        "type": "result",
-        "time": "2026-03-04T05:06:07.890+00:00",
-        "frame": 7,
-        "model": "us-fluid-seg",
-        "version": "1.0.0",
-        "finding": "fluid",
-        "confidence": 0.8765,
-        "alert": True,
-        "location": {"centroid": [120.0, 64.5], "area_fraction": 0.01235},
-    }
+    assert d["type"] == "result" and d["time"] == "2026-03-04T05:06:07.890+00:00"
+    assert (d["frame_id"], d["model"], d["backend"], d["label"], d["confidence"]) == (
+        7,
+        "us-fluid-seg@1.0.0",
+        "litert-cpu",
+        "fluid",
+        0.8765,
+    )
+    assert d["source"] == {"uri": "dicom:/x.dcm", "path": "/x.dcm", "frame_index": 3}
+    assert (d["state"], d["alert"], d["region_from"], d["imaging_region"]) == (
+        "finding",
+        True,
+        "dicom",
+        [10, 20, 200, 100],
+    )
 
 
-def test_result_json_detection_lists_boxes_and_no_finding_is_null():
+def test_result_json_detection_boxes_in_source_pixels_and_no_finding_is_null():
     det = Result(
         frame_id=1,
         task="detection",
         label="nodule",
         confidence=0.6,
+        alert=True,
+        state="finding",
         boxes=(Box(1.0, 2.0, 30.0, 40.0, 0.6, "nodule"),),
     )
-    assert json.loads(result_json(det, "m", "2", NOW))["location"] == {
-        "boxes": [{"x0": 1.0, "y0": 2.0, "x1": 30.0, "y1": 40.0, "score": 0.6, "label": "nodule"}]
-    }
+    frame = Frame(1, 0, np.zeros((50, 50), np.uint8), {"imaging_region": [100, 10, 50, 50]})
+    assert json.loads(result_json(det, "m", "2", NOW, frame))["boxes"] == [
+        {"x0": 101.0, "y0": 12.0, "x1": 130.0, "y1": 50.0, "score": 0.6, "label": "nodule"}
+    ]
     empty = json.loads(result_json(Result(2, "classification", None, None), "m", "2", NOW))
-    assert (empty["finding"], empty["confidence"], empty["location"], empty["alert"]) == (
+    assert (empty["label"], empty["confidence"], empty["boxes"], empty["alert"], empty["state"]) == (
         None,
         None,
-        None,
+        [],
         False,
+        "no_finding",
     )
 
 
@@ -297,7 +319,7 @@ def test_loop_one_json_line_per_result_and_a_reply_per_command(loop_link):
     lines = loop.lines()
     results = [x for x in lines if x.get("type") == "result"]
     replies = [x for x in lines if "ok" in x]
-    assert [r["frame"] for r in results] == [0, 1, 2, 3, 4]
+    assert [r["frame_id"] for r in results] == [0, 1, 2, 3, 4]
     assert [r["alert"] for r in results] == [True, False, True, False, True]
     assert replies[0] == {"ok": True, "cmd": "freeze", "frozen": True}
     assert replies[1]["threshold"] == 0.7
@@ -406,7 +428,7 @@ def test_a_port_that_vanishes_mid_run_is_reopened():
         assert wait_until(lambda: len(opened) == 2 and link.connected)
         assert opened[0].closed
         link.on_result(None, seg_result(2))
-        assert wait_until(lambda: any(x.get("frame") == 2 for x in opened[1].lines()))
+        assert wait_until(lambda: any(x.get("frame_id") == 2 for x in opened[1].lines()))
     assert link.counters.disconnects == 1
 
 
@@ -508,7 +530,7 @@ def test_pty_client_receives_one_json_line_per_result_and_a_reply_to_each_comman
         for i in range(10):
             link.on_result(None, seg_result(i))
         results = read_json_lines(client, 10)
-        assert [r["frame"] for r in results] == list(range(10))
+        assert [r["frame_id"] for r in results] == list(range(10))
         assert all(r["type"] == "result" and r["model"] == "us-fluid-seg" for r in results)
 
         commands = [

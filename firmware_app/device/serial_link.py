@@ -124,45 +124,20 @@ def parse_serial_config(table: dict[str, Any], where: str) -> SerialConfig:
 # -- result formats ---------------------------------------------------------------------------------
 
 
-def _location(result: Result) -> dict[str, Any] | None:
-    if result.boxes:
-        return {
-            "boxes": [
-                {
-                    "x0": round(b.x0, 1),
-                    "y0": round(b.y0, 1),
-                    "x1": round(b.x1, 1),
-                    "y1": round(b.y1, 1),
-                    "score": round(b.score, 4),
-                    "label": b.label,
-                }
-                for b in result.boxes
-            ]
-        }
-    if result.centroid is not None:
-        loc: dict[str, Any] = {"centroid": [round(result.centroid[0], 1), round(result.centroid[1], 1)]}
-        if result.area_fraction is not None:
-            loc["area_fraction"] = round(result.area_fraction, 5)
-        return loc
-    return None
+def result_json(
+    result: Result,
+    model: str,
+    version: str,
+    now: datetime,
+    frame: Frame | None = None,
+    backend: str = "",
+    shown: bool = True,
+) -> str:
+    """One JSON line (no newline) for a result: the results-stream record (records.results_stream)."""
+    from firmware_app.records.results_stream import result_record
 
-
-def result_json(result: Result, model: str, version: str, now: datetime) -> str:
-    """One JSON line (no newline) for a result."""
-    return json.dumps(
-        {
-            "type": "result",
-            "time": now.astimezone(timezone.utc).isoformat(timespec="milliseconds"),
-            "frame": result.frame_id,
-            "model": model,
-            "version": version,
-            "finding": result.label,
-            "confidence": None if result.confidence is None else round(result.confidence, 4),
-            "alert": bool(result.alert),
-            "location": _location(result),
-        },
-        separators=(",", ":"),
-    )
+    record = result_record(frame, result, model=f"{model}@{version}", backend=backend, shown=shown, now=now)
+    return json.dumps({"type": "result", **record}, separators=(",", ":"))
 
 
 def hl7_escape(text: str) -> str:
@@ -288,9 +263,11 @@ class LineSplitter:
             elif self._discarding:
                 continue
             elif len(self._buf) >= self.max_line:
+                echo = self._buf[:1] == b"{"  # our own JSON echoed back: no reply, not even "too long"
                 self._buf.clear()
                 self._discarding = True
-                yield None
+                if not echo:
+                    yield None
             else:
                 self._buf.append(byte)
 
@@ -458,7 +435,8 @@ class SerialLink:
                 control_id = f"{now.astimezone(timezone.utc):%Y%m%d%H%M%S}{self._seq:06d}"
                 data = mllp(result_hl7(result, model, version, now, control_id, self.config.facility))
             else:
-                data = (result_json(result, model, version, now) + "\n").encode()
+                backend, shown = str(status.get("backend", "")), not status.get("silent_trial", False)
+                data = (result_json(result, model, version, now, frame, backend, shown) + "\n").encode()
         except Exception:  # noqa: BLE001 - a formatting bug must not reach the inference thread
             log.exception("serial: cannot format the result of frame %d", result.frame_id)
             return

@@ -683,7 +683,7 @@ class Screen:
             )
             y += self._bold.get(s.label).line_height
         if f.confidence is not None:
-            pct = f"{f.confidence * 100:.0f}%"
+            pct = _pct(f.confidence)
             x0, _, x1, _ = self._text(v, pct, 0, y, s.value, main)
             base = y + self._bold.get(s.value).ascent
             if self._regular.measure("confidence", s.body)[0] <= w - x1 - s.gap:
@@ -750,6 +750,13 @@ def _fmt(value: float | None, digits: int) -> str:
     if value is None or not math.isfinite(value):
         return "—"
     return f"{value:.{digits}f}"
+
+
+def _pct(p: float) -> str:
+    """A probability as the screen shows it: whole percent, and never "100%" for what is not certain."""
+    if 0.99 < p < 1.0:
+        return f"{math.floor(p * 100)}%"
+    return f"{p * 100:.0f}%"
 
 
 def _shown_pct(confidence: float | None) -> float | None:

@@ -56,6 +56,9 @@ class FindingRules:
     coef: tuple[float, ...] | None = None
     intercept: float = 0.0
     ece: float | None = None
+    # the calibrated confidence is kept inside what the held-out data can support: a top bin of n cases
+    # of which k held the finding supports at most (k + 1) / (n + 2) (Laplace), never "100 %"
+    confidence_range: tuple[float, float] = (0.0, 1.0)
 
     @property
     def calibrated(self) -> bool:
@@ -150,6 +153,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "ece": ((float, int), False),
         "ece_before": ((float, int), False),
         "cases": ((int,), False),
+        "confidence_range": ((list,), False),
     },
 }
 
@@ -303,7 +307,11 @@ def _finding_rules(t: dict[str, Any], task: str, bad) -> FindingRules:
         if not _finite(t.get("intercept", 0.0)):
             raise bad("[finding] intercept must be a finite number")
         coef = tuple(float(v) for v in c)
+    rng = t.get("confidence_range", [0.0, 1.0])
+    if not (len(rng) == 2 and all(_finite(v) for v in rng) and 0.0 <= rng[0] < rng[1] <= 1.0):
+        raise bad(f"[finding] confidence_range must be [low, high] with 0 <= low < high <= 1, got {rng!r}")
     return FindingRules(
+        confidence_range=(float(rng[0]), float(rng[1])),
         min_size_mm2=None if mm2 is None else float(mm2),
         min_size_fraction=frac,
         persist_k=int(k),

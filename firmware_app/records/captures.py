@@ -235,6 +235,12 @@ def result_json(r: Result) -> dict[str, Any]:
         ],
         "centroid": None if r.centroid is None else [float(r.centroid[0]), float(r.centroid[1])],
         "area_fraction": None if r.area_fraction is None else float(r.area_fraction),
+        # what the finding stage decided (tasks.finding): a capture says whether the AI had paused
+        "state": r.state,
+        "gate": None if r.gate is None else [float(r.gate[0]), float(r.gate[1])],
+        "size": None if r.size is None else [float(r.size[0]), str(r.size[1])],
+        "measurements": {str(k): [float(v), str(u)] for k, (v, u) in dict(r.measurements).items()},
+        "paused": r.paused,
     }
 
 
@@ -256,6 +262,11 @@ def _result_from(d: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Resu
         boxes=tuple(Box(**b) for b in d["boxes"]),
         centroid=None if d["centroid"] is None else (d["centroid"][0], d["centroid"][1]),
         area_fraction=d["area_fraction"],
+        state=str(d.get("state", "")),  # captures made before the finding stage have none
+        gate=None if d.get("gate") is None else (float(d["gate"][0]), float(d["gate"][1])),
+        size=None if d.get("size") is None else (float(d["size"][0]), str(d["size"][1])),
+        measurements={k: (float(v), str(u)) for k, (v, u) in dict(d.get("measurements") or {}).items()},
+        paused=d.get("paused"),
     )
 
 

@@ -44,7 +44,8 @@ def finding_confidence(rules: FindingRules, prob: np.ndarray, mask: np.ndarray) 
         return float(prob.max())
     features = finding_features(prob, mask)
     z = rules.intercept + float(np.dot(rules.coef, features))
-    return float(sigmoid(np.float64(z)))
+    lo, hi = rules.confidence_range
+    return min(max(float(sigmoid(np.float64(z))), lo), hi)
 
 
 class Segmenter:

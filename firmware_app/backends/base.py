@@ -112,7 +112,9 @@ class BackendPlugin:
     aliases: ClassVar[tuple[str, ...]] = ()
     files: ClassVar[tuple[str, ...]] = ("model.tflite",)
     accelerator: ClassVar[bool] = False
-    tolerance: ClassVar[Tolerance] = EXACT
+    tolerance: ClassVar[Tolerance] = (
+        EXACT  # a plugin whose numerics depend on its config overrides it per instance
+    )
     runtime: ClassVar[str] = ""  # the Python distribution that provides it (version in doctor, auto's cache)
 
     @classmethod

@@ -46,10 +46,12 @@ class SelftestResult:
 
 
 def run_golden(model: ModelRef, backend, tolerance: Tolerance | None = None) -> tuple[int, float]:
-    """Every golden case on an open backend at ``tolerance`` (default: that backend plugin's own);
+    """Every golden case on an open backend at ``tolerance`` (default: that backend plugin's declared one;
+    a configured plugin may state its own, as ``chain.config(key).tolerance``);
     FirmwareAppError names the first case that fails. Returns (cases, max difference)."""
     if tolerance is None:
-        tolerance = backend_plugins()[backend.key].tolerance if backend.key in backend_plugins() else EXACT
+        plugin = backend_plugins().get(backend.key)
+        tolerance = plugin().tolerance if plugin is not None else EXACT
     report = check_golden(model, backend, tolerance)
     return report.cases, report.max_diff
 
@@ -77,7 +79,7 @@ def selftest_model(
         return SelftestResult(m.id, m.version, origin, "-", 0, 0.0, f"cannot open the model: {exc}")
     backend = choice.backend
     try:
-        cases, worst = run_golden(model, backend)
+        cases, worst = run_golden(model, backend, chain.config(backend.key).tolerance)
     except FirmwareAppError as exc:
         return SelftestResult(m.id, m.version, origin, backend.name, 0, 0.0, str(exc))
     finally:

@@ -30,7 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from firmware_app.backends import make_backend
+from firmware_app.backends import BackendChain
 from firmware_app.config import load_board
 from firmware_app.models.store import ModelRef, find_model
 from firmware_app.pipeline import build_pipeline
@@ -66,11 +66,11 @@ def _sample_frames(source_uri: str, n: int) -> list[np.ndarray]:
 
 
 def bare_invoke(
-    model: ModelRef, order: list[str], threads: int, frames: list[np.ndarray], n: int, fps: float = 0.0
+    model: ModelRef, chain: BackendChain, frames: list[np.ndarray], n: int, fps: float = 0.0
 ) -> dict:
     """``invoke()`` alone on pre-made tensors, after WARMUP calls: back to back (the ceiling), or with
     ``fps`` one call every 1/fps s (the model's own time at that pace)."""
-    backend = make_backend(model, order, threads).backend
+    backend = chain.open(model).backend
     pre = Preprocessor(model.manifest, backend.input)
     tensors = [pre(f).copy() for f in frames[:8]]
     for i in range(WARMUP):
@@ -134,10 +134,12 @@ def naive_loop(model: ModelRef, threads: int, frames: list[np.ndarray], n: int) 
     return round(n / (time.perf_counter() - t_start), 2)
 
 
-def pipeline_run(board, model: ModelRef, source_uri: str, n: int) -> dict[str, Any]:
+def pipeline_run(
+    board, model: ModelRef, source_uri: str, n: int, engine_cache: str | None = None
+) -> dict[str, Any]:
     """The full pipeline for WARMUP + n results; ``fps`` is the steady rate of the last n results, timed on
     the inference thread: opening the source and the model and the first invokes are not in it."""
-    p = build_pipeline(board, model, source_uri, ["null"], max_frames=n + WARMUP)
+    p = build_pipeline(board, model, source_uri, ["null"], max_frames=n + WARMUP, engine_cache=engine_cache)
     p.options.score_truth = False  # the phantom's Dice is the demo's, not something a device computes
     done: list[float] = []
     p.listeners.append(lambda frame, result: done.append(time.perf_counter()))
@@ -169,7 +171,8 @@ def run_bench(
     board = load_board(board_ref)
     model = find_model(model_ref or board.model["id"], data_dir)
     threads = board.backend["threads"]
-    order = board.backend["order"]
+    engine_cache = str(Path(data_dir) / "engines") if data_dir else None
+    chain = BackendChain.from_board(board, engine_cache=engine_cache, data_dir=data_dir)
     # the phantom is rendered once (cache=): like a capture card's DMA, the source costs no CPU per frame
     kind = PHANTOMS.get(model.manifest.id, "ultrasound")
     base = source_uri or f"synthetic:{kind}?width=640&height=480&cache=32"
@@ -181,18 +184,18 @@ def run_bench(
     # bare, pipeline and naive alternate in ROUNDS rounds and each figure is the median of its rounds: a
     # background job on a shared machine then weighs on all three alike, so their ratios hold.
     # A first round that is not counted: fonts scaled, caches and the CPU warm, as on a running device
-    pipeline_run(board, model, unlimited, WARMUP)
+    pipeline_run(board, model, unlimited, WARMUP, engine_cache)
     bares, fulls, naives = [], [], []
     for _ in range(ROUNDS):
-        bares.append(bare_invoke(model, order, threads, sample, frames))
-        fulls.append(pipeline_run(board, model, unlimited, frames))
+        bares.append(bare_invoke(model, chain, sample, frames))
+        fulls.append(pipeline_run(board, model, unlimited, frames, engine_cache))
         naives.append(naive_loop(model, threads, sample, frames))
     bare = sorted(bares, key=lambda b: b["bare_invoke_fps"])[ROUNDS // 2]
     full = sorted(fulls, key=lambda f: f["pipeline_fps"])[ROUNDS // 2]
     naive = sorted(naives)[ROUNDS // 2]
     paced_n = max(30, frames // 2)
-    paced_stats = pipeline_run(board, model, paced, paced_n)
-    paced_bare = bare_invoke(model, order, threads, sample, paced_n, PACED_FPS)["invoke_ms"]
+    paced_stats = pipeline_run(board, model, paced, paced_n, engine_cache)
+    paced_bare = bare_invoke(model, chain, sample, paced_n, PACED_FPS)["invoke_ms"]
     stages = full["stages_ms"]
     # CPU time per analysed frame outside invoke: pre- and post-processing every frame, the screen at the
     # share of frames it shows (it refreshes at the display's rate, not the model's)

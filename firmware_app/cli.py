@@ -97,6 +97,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="verify and self-test only; change nothing")
     p.add_argument("--board", help="board name or TOML file (default x86-dev)")
 
+    p = sub.add_parser("backends", help="every backend here for the model: invoke p50/p99, golden vectors")
+    _common(p, top=False)
+    p.add_argument("--board", help="board name or TOML file (default x86-dev): each backend's own keys")
+    p.add_argument("--model", help="model id or folder (default: the board's)")
+    p.add_argument("--invokes", type=_positive, default=200, help="timed invokes per backend (default 200)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
     p = sub.add_parser("selftest", help="every installed model's golden vectors on the active backend")
     _common(p, top=False)
     p.add_argument("--board", help="board name or TOML file (default x86-dev)")
@@ -168,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             from firmware_app.update.commands import cmd_update
 
             return cmd_update(args.path, args.data_dir, args.board, args.dry_run)
+        if args.command == "backends":
+            from firmware_app.backends.select import cmd_backends
+
+            return cmd_backends(args.board, args.model, args.data_dir, args.json, args.invokes)
         if args.command == "selftest":
             from firmware_app.update.commands import cmd_selftest
 

@@ -78,6 +78,8 @@ class BoardConfig:
     profile: SourceProfile = field(default_factory=SourceProfile)
     gpio: GpioConfig | None = None  # no [gpio]: no buttons or lights
     serial: SerialConfig | None = None  # no [serial]: no serial link
+    # one validated config per declared backend plugin, from [backend.<key>] (defaults when absent)
+    backend_configs: dict[str, Any] = field(default_factory=dict)
 
 
 def board_configs_dir() -> Path:
@@ -106,14 +108,30 @@ def _check(table: dict[str, Any], section: str, where: str) -> dict[str, Any]:
 
 
 def parse_board(data: dict[str, Any], where: str, path: Path | None = None) -> BoardConfig:
+    from firmware_app.backends.chain import AUTO, backend_key, backend_plugins, parse_backend_configs
+
     top = _check(data, "", where)
-    sections = {s: _check(top[s], s, where) for s in ("source", "model", "backend", "display", "pipeline")}
+    declared = backend_plugins()
+    backend_table = {k: v for k, v in top["backend"].items() if k not in declared}
+    plugin_tables = {k: v for k, v in top["backend"].items() if k in declared}
+    sections = {
+        s: _check(backend_table if s == "backend" else top[s], s, where)
+        for s in ("source", "model", "backend", "display", "pipeline")
+    }
     b = sections["backend"]
-    for item in b["order"]:
-        if item not in ("cpu", "edgetpu", "tensorrt"):
-            raise BadConfig(f"{where}: [backend] order: unknown backend {item!r}; use tensorrt, edgetpu, cpu")
+    try:
+        b["order"] = [item if item == AUTO else backend_key(item) for item in b["order"]]
+    except BadConfig as exc:
+        raise BadConfig(f"{where}: [backend] order: {exc}") from None
     if not b["order"]:
         raise BadConfig(f"{where}: [backend] order must name at least one backend")
+    if b["edgetpu_device"]:  # the older spelling of [backend.edgetpu] device
+        edgetpu = dict(plugin_tables.get("edgetpu", {}))
+        if edgetpu.get("device", b["edgetpu_device"]) != b["edgetpu_device"]:
+            raise BadConfig(f"{where}: [backend] edgetpu_device and [backend.edgetpu] device disagree")
+        plugin_tables["edgetpu"] = {**edgetpu, "device": b["edgetpu_device"]}
+    backend_configs = parse_backend_configs(plugin_tables, where)
+    b["edgetpu_device"] = getattr(backend_configs.get("edgetpu"), "device", "")
     if not 1 <= b["threads"] <= 64:
         raise BadConfig(f"{where}: [backend] threads {b['threads']} must be 1..64")
     s = sections["source"]
@@ -139,6 +157,7 @@ def parse_board(data: dict[str, Any], where: str, path: Path | None = None) -> B
         profile=profile,
         gpio=gpio,
         serial=serial,
+        backend_configs=backend_configs,
         **sections,
     )
 

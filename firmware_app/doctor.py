@@ -55,30 +55,16 @@ def check_runtime() -> Check:
     return Check("tflite runtime", MISSING, "pip install ai-edge-litert")
 
 
-def check_edgetpu(device: str | None) -> Check:
-    from firmware_app.backends.edgetpu import EdgeTpu
+def check_backends(board) -> list[Check]:
+    """One line per declared backend plugin: its runtime, its accelerator, as the plugin itself finds them."""
+    from firmware_app.backends.chain import BackendChain, backend_plugins
 
-    usb = any(
-        Path(p).read_text().strip() in ("1a6e", "18d1")
-        for p in glob.glob("/sys/bus/usb/devices/*/idVendor")
-        if Path(p).is_file()
-    )
-    pcie = bool(glob.glob("/dev/apex_*"))
-    try:
-        EdgeTpu(device).delegates()
-    except FirmwareAppError as exc:
-        status = FAULT if (usb or pcie) else MISSING
-        return Check("edge tpu", status, str(exc))
-    return Check("edge tpu", OK, f"delegate loaded ({'PCIe' if pcie else 'USB'})")
-
-
-def check_tensorrt() -> Check:
-    v = _version("tensorrt")
-    if v is None:
-        return Check("tensorrt", MISSING, "not installed (Jetson: comes with JetPack)")
-    return Check(
-        "tensorrt", OK, f"tensorrt {v} (this build runs LiteRT on the CPU; TensorRT backend not enabled)"
-    )
+    chain = BackendChain.from_board(board)
+    out = []
+    for key in backend_plugins():
+        status, detail = chain.config(key).check()
+        out.append(Check(f"backend {key}", {"ok": OK, "missing": MISSING}.get(status, FAULT), detail))
+    return out
 
 
 def check_display(uri: str) -> Check:
@@ -181,10 +167,7 @@ def run_checks(board_ref: str | None, data_dir: str) -> list[Check]:
     except FirmwareAppError as exc:
         checks.append(Check("board config", FAULT, str(exc)))
         board = load_board(None)
-    order = board.backend["order"]
-    if "edgetpu" in order:
-        checks.append(check_edgetpu(board.backend["edgetpu_device"] or None))
-    checks.append(check_tensorrt())
+    checks += check_backends(board)
     checks.append(check_display(board.display["uri"]))
     checks.append(check_devices("capture", ["/dev/video*"], "no /dev/video* (plug in the video grabber)"))
     checks.append(check_gpio(board.gpio is not None))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware_app.backends import BackendChoice, make_backend
+from firmware_app.backends import BackendChain, BackendChoice
 from firmware_app.config import BoardConfig
 from firmware_app.display.screen import Screen, ScreenState
 from firmware_app.display.sinks import Display, open_display
@@ -159,10 +159,9 @@ class Pipeline:
     options: PipelineOptions = field(default_factory=PipelineOptions)
     # called with (frame, result) for each result, on the inference thread (recorder, alerts, serial ...)
     listeners: list[Callable[[Frame, Result], None]] = field(default_factory=list)
-    # the backend chain and accelerator used again when the model is switched at run time
-    backend_order: list[str] = field(default_factory=lambda: ["cpu"])
-    accelerator: Any = None
-    engine_cache: str | None = None
+    # the backend chain (order, configs, devices, engine cache) used again when the model is switched at run
+    # time, when an accelerator fails mid-run and when it is retried
+    chain: BackendChain = field(default_factory=BackendChain)
     # called from the inference loop at least every HEARTBEAT_S while it runs (a hung model stops the calls)
     heartbeat: Callable[[], None] | None = None
 
@@ -230,20 +229,14 @@ class Pipeline:
 
         The new model is fully loaded before the swap; if it fails to load, the old one keeps running.
         """
-        self._queue_swap(model, self._open_backend(model, self.backend_order))
+        self._queue_swap(model, self._open_backend(model))
         m = model.manifest
         self.notify(f"Model {m.id} {m.version} loaded")
         return f"{m.id} {m.version}"
 
-    def _open_backend(self, model: ModelRef, order: list[str]) -> BackendChoice:
-        """The backend chain of this pipeline (threads, accelerator, engine cache) for ``model``."""
-        return make_backend(
-            model,
-            order,
-            self.choice.backend.threads,
-            accelerator=self.accelerator,
-            engine_cache=self.engine_cache,
-        )
+    def _open_backend(self, model: ModelRef, order: list[str] | None = None) -> BackendChoice:
+        """The backend chain of this pipeline (configs, devices, threads, engine cache) for ``model``."""
+        return self.chain.open(model, order)
 
     def _queue_swap(self, model: ModelRef, choice: BackendChoice) -> None:
         """Prepare model + backend + pre/post-processing; the inference loop swaps them in between frames."""
@@ -448,13 +441,13 @@ class Pipeline:
         return out
 
     def _fall_back_to_cpu(self, exc: Exception) -> None:
-        """The accelerator failed mid-run: continue on the CPU now, retry the accelerator in the background."""
-        from firmware_app.backends.litert import LiteRTBackend
-
+        """The accelerator failed mid-run: continue on the next backend of the chain (the CPU) now, retry the
+        accelerator in the background."""
         failed = self.choice.backend
-        notice = f"CPU FALLBACK: {failed.name} failed mid-run ({exc}); retrying every {ACCEL_RETRY_S:g} s"
+        choice = self.chain.fall_back(self.model, failed, exc)
+        notice = f"{'; '.join(choice.notices)}; retrying every {ACCEL_RETRY_S:g} s"
         log.error("%s", notice)
-        cpu = LiteRTBackend(self.model.tflite, threads=failed.threads)
+        cpu = choice.backend
         self.choice = BackendChoice(cpu, [notice])
         self.preprocess = Preprocessor(self.model.manifest, cpu.input)
         self.postprocess = make_postprocessor(self.model.manifest, cpu.outputs)
@@ -467,7 +460,10 @@ class Pipeline:
             pass
         if self._retry_thread is None or not self._retry_thread.is_alive():
             self._retry_thread = threading.Thread(
-                target=self._retry_accelerator, args=(failed.name,), name="fwapp-accel-retry", daemon=True
+                target=self._retry_accelerator,
+                args=(failed.key or failed.name,),
+                name="fwapp-accel-retry",
+                daemon=True,
             )
             self._retry_thread.start()
 
@@ -692,14 +688,13 @@ def build_pipeline(
 ) -> Pipeline:
     """source -> preprocess -> backend -> task -> screen -> displays, from a board config."""
     source = open_source(source_uri or board.source["uri"], board.profile, board.source)
-    choice = make_backend(
-        model,
-        order=board.backend["order"],
-        threads=board.backend["threads"],
-        edgetpu_device=board.backend["edgetpu_device"] or None,
-        accelerator=accelerator,
+    chain = BackendChain.from_board(
+        board,
+        devices={"edgetpu": accelerator} if accelerator is not None else None,
         engine_cache=engine_cache,
+        data_dir=str(Path(engine_cache).parent) if engine_cache else None,  # engines/ lives in the data dir
     )
+    choice = chain.open(model)
     size = (board.display["width"], board.display["height"])
     fps = float(board.display["fps"])
     uris = display_uris or [board.display["uri"]]
@@ -732,9 +727,7 @@ def build_pipeline(
         Screen(*size),
         displays,
         options,
-        backend_order=list(board.backend["order"]),
-        accelerator=accelerator,
-        engine_cache=engine_cache,
+        chain=chain,
     )
     for notice in notices:
         pipeline.notify(notice)

@@ -437,11 +437,11 @@ class ModelRunner:
     """One model file on the daemon's path: Preprocessor -> backend.invoke -> task post-processor."""
 
     def __init__(self, model: ModelRef, path: Path | None = None, threads: int = 2) -> None:
-        from firmware_app.backends import make_backend
+        from firmware_app.backends import BackendChain
         from firmware_app.backends.litert import LiteRTBackend
 
         if path is None:
-            self.backend = make_backend(model, ["cpu"], threads).backend
+            self.backend = BackendChain(threads=threads).open(model).backend
         else:
             self.backend = LiteRTBackend(path, threads=threads, name="litert-cpu-float")
         m = model.manifest

@@ -85,7 +85,7 @@ def test_doctor_reports_each_item(capsys, tmp_path):
 
 def test_doctor_on_edgetpu_board_reports_missing_accelerator(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "doctor", "--board", "rpi5-coral-usb", "--data-dir", str(tmp_path))
-    line = next(ln for ln in out.splitlines() if "edge tpu" in ln)
+    line = next(ln for ln in out.splitlines() if "backend edgetpu" in ln)
     assert line.startswith("MISSING") and "libedgetpu.so.1" in line
 
 

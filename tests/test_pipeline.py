@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware_app.backends import BackendChoice
+from firmware_app.backends import BackendChain, BackendChoice
 from firmware_app.backends.base import Backend
 from firmware_app.backends.litert import LiteRTBackend
 from firmware_app.config import load_board
@@ -347,9 +347,8 @@ def test_accelerator_failing_mid_run_falls_back_to_cpu_then_returns(float_model_
         RecordingScreen(320, 240),
         [open_display("null", size=(320, 240))],
         PipelineOptions(),
-        backend_order=["edgetpu", "cpu"],
-        accelerator=MockEdgeTpu(present=False),  # still unplugged when first retried
-    )
+        chain=BackendChain(("edgetpu", "cpu"), threads=1, devices={"edgetpu": MockEdgeTpu(present=False)}),
+    )  # the Edge TPU is still unplugged when first retried
     p.start()
     try:
         assert wait_for(lambda: p.choice.backend.name == "litert-cpu", timeout=3)
@@ -360,7 +359,7 @@ def test_accelerator_failing_mid_run_falls_back_to_cpu_then_returns(float_model_
         assert time.monotonic() - t_fail < 1.0  # the banner is up within a second
         n = p.counters.frames_inferred
         assert wait_for(lambda: p.counters.frames_inferred > n + 3)  # inference goes on, on the CPU
-        p.accelerator = MockEdgeTpu(present=True)  # plugged back in
+        p.chain.devices["edgetpu"] = MockEdgeTpu(present=True)  # plugged back in
         assert wait_for(lambda: p.choice.backend.name == "edgetpu", timeout=3)
         assert wait_for(lambda: p.screen.states[-1].fallback_notice is None)
     finally:

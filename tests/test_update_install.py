@@ -145,7 +145,7 @@ def test_failed_selftest_on_the_next_start_rolls_back(kit, monkeypatch):
     kit.install(kit.bundle("1.0.0", 1))
     kit.install(kit.bundle("1.1.0", 2))
 
-    def failing(ref, board, backends=None, origin=None):
+    def failing(ref, board, backends=None, origin=None, chain=None):
         return SelftestResult(
             MODEL_ID, "1.1.0", "installed b", "edgetpu", 0, 0.0, "case_000.npz: output_0 differs by 9"
         )

@@ -6,12 +6,15 @@ Imports ``ai_edge_litert.interpreter`` and falls back to ``tflite_runtime.interp
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from firmware_app.backends.base import Backend, TensorSpec
+from firmware_app.backends.base import Backend, BackendPlugin, TensorSpec
 from firmware_app.errors import BackendUnavailable, BadModel
+from firmware_app.plugins import register
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +90,15 @@ class LiteRTBackend(Backend):
 
     def close(self) -> None:
         self._interp = None  # type: ignore[assignment]
+
+
+@register("backend", "cpu", aliases=("litert",))
+@dataclass(frozen=True)
+class LiteRTCpu(BackendPlugin):
+    """``cpu``: model.tflite on LiteRT with XNNPACK. Threads come from ``[backend] threads``."""
+
+    files = ("model.tflite",)
+    runtime = "ai-edge-litert"
+
+    def open(self, model, threads: int, device: Any = None, cache_dir: str | None = None) -> Backend:
+        return LiteRTBackend(model.tflite, threads=threads)

@@ -17,14 +17,17 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from firmware_app.backends.base import Backend, TensorSpec
+from firmware_app.backends.base import FLOAT_ONNX, Backend, BackendPlugin, TensorSpec
 from firmware_app.errors import BackendUnavailable
 from firmware_app.models.store import ModelRef
+from firmware_app.plugins import register
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +259,27 @@ class _CudaEngine:
             self.cudart.cudaFree(dev)
         self._dev.clear()
         self.cudart.cudaStreamDestroy(self.stream)
+
+
+@register("backend", "tensorrt")
+@dataclass(frozen=True)
+class TensorRTPlugin(BackendPlugin):
+    """``tensorrt``: model.onnx built into a cached FP16 engine, verified against model_float.tflite.
+    Engines live in ``<data-dir>/engines`` (the chain's engine cache; a temp folder without one)."""
+
+    files = ("model.tflite", ONNX_MODEL, FLOAT_TWIN)
+    accelerator = True
+    runtime = "tensorrt"
+    # an FP16 engine of the float twin: the twin's gap to LiteRT int8 (base.FLOAT_ONNX); a float model's
+    # float golden outputs at VERIFY_ATOL, FP16's rounding
+    tolerance = replace(FLOAT_ONNX, float_atol=VERIFY_ATOL, why="FP16 engine of the float ONNX twin")
+
+    def open(self, model, threads: int, device: Any = None, cache_dir: str | None = None):
+        cache = cache_dir or os.path.join(tempfile.gettempdir(), "firmware-app-engines")
+        return TensorRTBackend(model, cache, runtime=device)
+
+    def check(self) -> tuple[str, str]:
+        v = self.runtime_version()
+        if v is None:
+            return "missing", "not installed (Jetson: comes with JetPack)"
+        return "ok", f"tensorrt {v}: engines built from model.onnx on first use, cached in <data-dir>/engines"

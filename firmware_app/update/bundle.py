@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from firmware_app.backends.chain import backend_plugins, needed_files
 from firmware_app.errors import BundleRejected
 from firmware_app.update.trust import (
     NewKey,
@@ -57,7 +58,6 @@ MAX_FILES = 256
 SIG_BYTES = 64
 BLOCK = 512
 TRAILER_MAX = 20 * BLOCK  # after the first zero block: the second, padded to a 10 KiB tar record
-BACKENDS = ("cpu", "edgetpu")
 KINDS = ("model", "keys")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 _BUNDLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -195,15 +195,14 @@ def parse_manifest(raw: bytes) -> BundleManifest:
         if kind == "keys":
             return _keys_manifest(data, common)
         boards = tuple(_str(b, "board", _BOARD) for b in _list(data["boards"], "boards", 32))
-        backends = tuple(_list(data["backends"], "backends", len(BACKENDS)))
+        declared = backend_plugins()
+        backends = tuple(_list(data["backends"], "backends", len(declared)))
         if not boards or len(set(boards)) != len(boards):
             raise ValueError("boards must name at least one board, each once")
-        if not backends or len(set(backends)) != len(backends) or not set(backends) <= set(BACKENDS):
-            raise ValueError(f"backends must name some of {', '.join(BACKENDS)}, each once")
+        if not backends or len(set(backends)) != len(backends) or not set(backends) <= set(declared):
+            raise ValueError(f"backends must name some of {', '.join(declared)}, each once")
         names = {f.path for f in common["files"]}
-        for needed in ("manifest.toml", "model.tflite") + (
-            ("model_edgetpu.tflite",) if "edgetpu" in backends else ()
-        ):
+        for needed in ("manifest.toml", "model.tflite") + needed_files(backends):
             if needed not in names:
                 raise ValueError(f"the payload has no {needed}")
         if not any(re.fullmatch(r"golden/case_\d{3}\.npz", n) for n in names):
@@ -478,6 +477,15 @@ def model_payload(model_dir: Path) -> list[tuple[str, bytes]]:
         if path.is_file():
             payload.append((check_path(rel), path.read_bytes()))
     return payload
+
+
+def compatible_backends(model_dir: Path) -> list[str]:
+    """Every declared backend whose model files are all in ``model_dir`` (a bundle's default)."""
+    return [
+        key
+        for key, plugin in backend_plugins().items()
+        if all((model_dir / f).is_file() for f in plugin.files)
+    ]
 
 
 def build_model_bundle(

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from firmware_app.audit import AuditLog
+from firmware_app.backends.chain import BackendChain
 from firmware_app.config import BoardConfig
 from firmware_app.durable import Busy, fsync_dir, fsync_tree, locked, remove_tree, replace_symlink
 from firmware_app.errors import BadInput, BadModel, BundleRejected, FirmwareAppError
@@ -137,8 +138,12 @@ def install_bundle(
     progress: Callable[[str], None] | None = None,
     now: datetime | None = None,
     wait: bool = True,
+    chain: BackendChain | None = None,
 ) -> Outcome:
-    """Verify and install one .fwb; never raises for a bad bundle or a run-time failure (see Outcome)."""
+    """Verify and install one .fwb; never raises for a bad bundle or a run-time failure (see Outcome).
+
+    The self-test runs on ``chain`` (default: the board's backend chain with the engine cache in
+    ``<data_dir>/engines``), restricted to the bundle's compatible backends: the backend that will serve."""
     src = Path(src)
     lay = Layout(Path(data_dir))
     audit = AuditLog(data_dir)
@@ -149,7 +154,10 @@ def install_bundle(
         with locked(lay.lock, wait=wait):
             lay.clean_work()
             try:
-                return _install(src, lay, board, dry_run, say, now, audit)
+                chain = chain or BackendChain.from_board(
+                    board, engine_cache=str(lay.root / "engines"), data_dir=str(lay.root)
+                )
+                return _install(src, lay, board, dry_run, say, now, audit, chain)
             finally:
                 lay.clean_work()
     except Busy as exc:
@@ -167,7 +175,14 @@ def install_bundle(
 
 
 def _install(
-    src: Path, lay: Layout, board: BoardConfig, dry_run: bool, say, now: datetime, audit: AuditLog
+    src: Path,
+    lay: Layout,
+    board: BoardConfig,
+    dry_run: bool,
+    say,
+    now: datetime,
+    audit: AuditLog,
+    chain: BackendChain,
 ) -> Outcome:
     name = src.name
     say(f"Copying {name}")
@@ -226,7 +241,7 @@ def _install(
         raise BundleRejected(
             f"manifest.toml says {ref.manifest.id} {ref.manifest.version}, the bundle {manifest.describe()}"
         )
-    result = selftest_model(ref, board, manifest.backends, origin="new")
+    result = selftest_model(ref, board, manifest.backends, origin="new", chain=chain)
     audit.append(
         "update_selftest",
         file=name,
@@ -332,8 +347,7 @@ def _check_space(lay: Layout, need: int) -> None:
 def _check_compatible(manifest: BundleManifest, board: BoardConfig) -> None:
     if board.name not in manifest.boards:
         raise BundleRejected(f"built for boards {', '.join(manifest.boards)}, this board is {board.name}")
-    usable = [b for b in board.backend["order"] if b in manifest.backends]
-    if not usable:
+    if BackendChain.from_board(board).restricted(manifest.backends) is None:
         raise BundleRejected(
             f"built for backends {', '.join(manifest.backends)}, board {board.name} uses "
             f"{', '.join(board.backend['order'])}"
@@ -526,7 +540,9 @@ def _boot_check_model(mdir: Path, board: BoardConfig, audit: AuditLog) -> str | 
         return _auto_rollback(
             mdir, audit, what, f"did not run successfully in {MAX_TRIAL_STARTS} starts (crash loop)"
         )
-    result = selftest_model(find_model(str(mdir / cur)), board, signed.backends, f"installed {cur}")
+    data_dir = mdir.parent.parent
+    chain = BackendChain.from_board(board, engine_cache=str(data_dir / "engines"), data_dir=str(data_dir))
+    result = selftest_model(find_model(str(mdir / cur)), board, signed.backends, f"installed {cur}", chain)
     audit.append("boot_selftest", model_id=mdir.name, slot=cur, ok=result.ok, problem=result.problem)
     if not result.ok:
         return _auto_rollback(mdir, audit, what, f"failed its self-test after the update ({result.problem})")

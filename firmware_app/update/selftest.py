@@ -1,8 +1,9 @@
 """Self-test: a model must reproduce its own golden vectors on the backend the daemon would use.
 
 ``<model>/golden/case_NNN.npz`` holds ``input`` (the exact input tensor) and ``output_0``, ``output_1``, ...
-(the exact raw outputs). Each output must match within the manifest's ``[golden] atol``: for integer
-tensors max |int(out) - int(expected)| <= atol, for float tensors max |out - expected| <= atol.
+(the exact raw outputs). Each output must match at the tolerance of the backend that runs it
+(firmware_app.backends.golden): LiteRT and the Edge TPU within the manifest's ``[golden] atol`` (integer
+steps, or output units for a float model), other runtimes at their plugin's stated ``Tolerance``.
 
 Used before an update switches slots (on the new folder, still in private storage), at the first starts after
 an update (install.boot_check), and by ``firmware-app selftest`` on every installed model.
@@ -10,21 +11,17 @@ an update (install.boot_check), and by ``firmware-app selftest`` on every instal
 
 from __future__ import annotations
 
-import re
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from firmware_app.backends import make_backend
+from firmware_app.backends.base import EXACT, Tolerance
+from firmware_app.backends.chain import BackendChain, backend_plugins
+from firmware_app.backends.golden import check_golden, golden_cases
 from firmware_app.config import BoardConfig
 from firmware_app.errors import FirmwareAppError
 from firmware_app.models.store import ModelRef, find_model, list_models
 from firmware_app.update.slots import active_slot, slot_manifest, slot_problems
-
-_CASE = re.compile(r"case_\d{3}\.npz")
 
 
 @dataclass(frozen=True)
@@ -48,72 +45,41 @@ class SelftestResult:
         return f"{head}: FAILED: {self.problem}"
 
 
-def golden_cases(folder: Path) -> list[Path]:
-    golden = folder / "golden"
-    return sorted(p for p in golden.iterdir() if _CASE.fullmatch(p.name)) if golden.is_dir() else []
-
-
-def _max_diff(got: np.ndarray, expected: np.ndarray) -> float:
-    if np.issubdtype(got.dtype, np.integer) and np.issubdtype(expected.dtype, np.integer):
-        return float(np.abs(got.astype(np.int64) - expected.astype(np.int64)).max(initial=0))
-    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-    return float("inf") if np.isnan(diff).any() else float(diff.max(initial=0.0))
-
-
-def run_golden(model: ModelRef, backend) -> tuple[int, float]:
-    """Run every golden case on an open backend; FirmwareAppError names the first case that fails."""
-    cases = golden_cases(model.folder)
-    if not cases:
-        raise FirmwareAppError("no golden vectors (golden/case_NNN.npz)")
-    atol = model.manifest.golden_atol
-    worst = 0.0
-    expected_names = {"input"} | {f"output_{i}" for i in range(len(backend.outputs))}
-    for path in cases:
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                if set(npz.files) != expected_names:
-                    raise FirmwareAppError(
-                        f"{path.name}: arrays {sorted(npz.files)}, expected {sorted(expected_names)}"
-                    )
-                x = npz["input"]
-                if x.shape != backend.input.shape or x.dtype != backend.input.dtype:
-                    raise FirmwareAppError(
-                        f"{path.name}: input {x.dtype}{list(x.shape)}, the model takes "
-                        f"{backend.input.dtype}{list(backend.input.shape)}"
-                    )
-                outputs = backend.invoke(x)
-                for i, got in enumerate(outputs):
-                    want = npz[f"output_{i}"]
-                    if want.shape != got.shape:
-                        raise FirmwareAppError(
-                            f"{path.name}: output_{i} shape {list(got.shape)}, golden {list(want.shape)}"
-                        )
-                    diff = _max_diff(got, want)
-                    if not diff <= atol:
-                        raise FirmwareAppError(f"{path.name}: output_{i} differs by {diff:g} (atol {atol:g})")
-                    worst = max(worst, diff)
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise FirmwareAppError(f"{path.name}: unreadable golden file ({exc})") from None
-    return len(cases), worst
+def run_golden(model: ModelRef, backend, tolerance: Tolerance | None = None) -> tuple[int, float]:
+    """Every golden case on an open backend at ``tolerance`` (default: that backend plugin's declared one;
+    a configured plugin may state its own, as ``chain.config(key).tolerance``);
+    FirmwareAppError names the first case that fails. Returns (cases, max difference)."""
+    if tolerance is None:
+        plugin = backend_plugins().get(backend.key)
+        tolerance = plugin().tolerance if plugin is not None else EXACT
+    report = check_golden(model, backend, tolerance)
+    return report.cases, report.max_diff
 
 
 def selftest_model(
-    model: ModelRef, board: BoardConfig, backends: Sequence[str] | None = None, origin: str | None = None
+    model: ModelRef,
+    board: BoardConfig,
+    backends: Sequence[str] | None = None,
+    origin: str | None = None,
+    chain: BackendChain | None = None,
 ) -> SelftestResult:
-    """Open ``model`` the way the daemon would on ``board`` (restricted to ``backends``) and run its golden
-    vectors. Never raises for a model problem: the result says what failed."""
+    """Open ``model`` the way the daemon would on ``board`` (its backend chain, restricted to ``backends``)
+    and run its golden vectors at that backend's tolerance. Never raises for a model problem: the result
+    says what failed."""
     m = model.manifest
     origin = origin or model.origin
-    order = [b for b in board.backend["order"] if backends is None or b in backends]
-    if not order:
+    chain = chain or BackendChain.from_board(board)
+    if backends is not None:
+        chain = chain.restricted(backends)
+    if chain is None:
         return SelftestResult(m.id, m.version, origin, "-", 0, 0.0, f"no backend of {board.name} can run it")
     try:
-        choice = make_backend(model, order, board.backend["threads"], board.backend["edgetpu_device"] or None)
+        choice = chain.open(model)
     except FirmwareAppError as exc:
         return SelftestResult(m.id, m.version, origin, "-", 0, 0.0, f"cannot open the model: {exc}")
     backend = choice.backend
     try:
-        cases, worst = run_golden(model, backend)
+        cases, worst = run_golden(model, backend, chain.config(backend.key).tolerance)
     except FirmwareAppError as exc:
         return SelftestResult(m.id, m.version, origin, backend.name, 0, 0.0, str(exc))
     finally:
@@ -121,9 +87,14 @@ def selftest_model(
     return SelftestResult(m.id, m.version, origin, backend.name, cases, worst)
 
 
-def selftest_all(data_dir: str | Path, board: BoardConfig) -> list[SelftestResult]:
+def selftest_all(
+    data_dir: str | Path, board: BoardConfig, chain: BackendChain | None = None
+) -> list[SelftestResult]:
     """Every installed model (its files checked against the signed list, then its golden vectors), and every
-    bundled model that ships golden vectors."""
+    bundled model that ships golden vectors, on the board's chain (engine cache in ``<data_dir>/engines``)."""
+    chain = chain or BackendChain.from_board(
+        board, engine_cache=str(Path(data_dir) / "engines"), data_dir=str(data_dir)
+    )
     results = []
     installed: set[str] = set()
     models_root = Path(data_dir) / "models"
@@ -142,8 +113,10 @@ def selftest_all(data_dir: str | Path, board: BoardConfig) -> list[SelftestResul
             version = signed.version if signed else "?"
             results.append(SelftestResult(mdir.name, version, f"installed {slot}", "-", 0, 0.0, problems[0]))
             continue
-        results.append(selftest_model(ref, board, signed.backends if signed else None, f"installed {slot}"))
+        results.append(
+            selftest_model(ref, board, signed.backends if signed else None, f"installed {slot}", chain)
+        )
     for ref in list_models(None):
         if ref.manifest.id not in installed and golden_cases(ref.folder):
-            results.append(selftest_model(ref, board))
+            results.append(selftest_model(ref, board, chain=chain))
     return results

@@ -157,6 +157,13 @@ def test_full_frame_capture_is_not_claimed_deidentified(capsys, tmp_path: Path) 
     assert objs["overlay"].BurnedInAnnotation == "YES"
     marker = json.loads((tmp_path / "data" / "captures" / f"{cid}.exported").read_text())
     assert marker["deidentified"] is False
+    audit = [
+        json.loads(x)
+        for f in (tmp_path / "data" / "audit").glob("*.jsonl")
+        for x in f.read_text().splitlines()
+    ]
+    (event,) = [r for r in audit if r["event"] == "export"]
+    assert event["deidentified"] is True and event["pixels_not_clean"] == [cid]
 
 
 def test_frame_recorded_whole_is_blanked_outside_its_region(tmp_path: Path) -> None:

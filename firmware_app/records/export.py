@@ -345,9 +345,8 @@ class PixelRegion:
 
     established: bool  # only pixels of an established imaging region are in the image
     rect: tuple[int, int, int, int]  # the imaging region inside the exported image: x, y, w, h
-    offset: (
-        tuple[int, int] | None
-    )  # where the exported image's (0, 0) lies in the source picture; None: unknown
+    # where the exported image's (0, 0) lies in the source picture; None: unknown
+    offset: tuple[int, int] | None
     cropped: bool = False  # the image is a part of the source picture, not the whole of it
     blanked: bool = False  # the pixels outside ``rect`` are set to 0 by the export
     why: str = ""  # not established: why, one line without identifiers
@@ -913,10 +912,14 @@ def _export(
             exported=len(report.exported),
             failed=len(report.failed),
             deidentified=deidentify,
+            # exported de-identified in the header only: burned-in text may remain in their pixels
+            pixels_not_clean=[cid for cid, _ in report.not_clean][:64] if deidentify else None,
             captures=[e.capture_id for e in report.exported][:64],
         )
         for cid, why in report.failed:
             log.error("capture %s not exported: %s", cid, why)
+        for cid, why in report.not_clean:
+            log.warning("capture %s exported with Patient Identity Removed NO: %s", cid, why)
     return report
 
 

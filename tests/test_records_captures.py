@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
@@ -17,7 +18,15 @@ import pytest
 from records_support import MODEL, disc, frame, pydicom_data_file, seg_result
 
 from firmware_app.records import fsutil
-from firmware_app.records.captures import CaptureStore, ClipRing, Mark, ModelInfo, Recorder
+from firmware_app.records.captures import (
+    CaptureStore,
+    ClipRing,
+    Mark,
+    ModelInfo,
+    Recorder,
+    RegionFacts,
+    pack,
+)
 from firmware_app.records.errors import CaptureCorrupt, RecorderBusy, StorageFull
 from firmware_app.sources.dicom import load_frames
 
@@ -100,6 +109,47 @@ def test_dicom_source_capture_keeps_the_header_and_its_study(data_dir: Path) -> 
     assert cap.study.study_uid == meta["StudyInstanceUID"] and cap.study.origin == "dicom"
     assert cap.source["SOPInstanceUID"] == meta["SOPInstanceUID"]
     assert cap.modality == "US"
+
+
+def test_region_facts_survive_the_encrypted_round_trip(data_dir: Path) -> None:
+    rec = Recorder(data_dir, model=MODEL)
+    px = patterned_pixels(459, 680)
+    region = {
+        "imaging_region": [120, 60, 680, 459],
+        "region_from": "dicom",
+        "mm_per_px": [0.2622878766196998, 0.2622878766196998],
+        "full_size": (800, 600),
+        "depth_origin_y": 36.0,
+    }
+    cap = rec.load_capture(rec.capture(frame(px, 0, {"source": "dicom:x.dcm", **region}), None))
+    assert cap.region == RegionFacts("dicom", (120, 60, 680, 459), (0.2622878766196998,) * 2, (800, 600))
+    assert cap.region.established
+    plain = rec.load_capture(rec.capture(frame(px, 1, {"phantom": "ultrasound"}), None))
+    assert plain.region == RegionFacts() and not plain.region.established
+    # a region that claims an origin without a rectangle is not established
+    assert not RegionFacts.from_meta({"region_from": "board", "imaging_region": "everything"}).established
+
+
+def test_capture_written_before_region_facts_loads_as_full_frame(data_dir: Path) -> None:
+    rec = Recorder(data_dir, model=MODEL)
+    cid = rec.capture(
+        frame(patterned_pixels(), 0, {"region_from": "board", "imaging_region": [0, 0, 320, 240]}), None
+    )
+    cap = rec.load_capture(cid)
+    assert cap.region.region_from == "board"
+    with np.load(io.BytesIO(pack(cap)), allow_pickle=False) as z:  # the same capture in the old layout
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    del meta["region"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    store = CaptureStore(data_dir)
+    old = store.path("20200101-000000-0ld000")
+    old.write_bytes(store.cipher.seal(old.name, buf.getvalue()))
+    loaded = store.load("20200101-000000-0ld000")
+    assert loaded.region == RegionFacts("full_frame", None, None, None) and not loaded.region.established
+    assert np.array_equal(loaded.pixels, cap.pixels)
 
 
 def test_edited_or_renamed_capture_fails_authentication(data_dir: Path) -> None:

@@ -17,6 +17,7 @@ from firmware_app.records.captures import Mark, Recorder
 from firmware_app.records.commands import cmd_export, cmd_export_feedback, export_stick_settings
 from firmware_app.records.errors import ExportTargetError
 from firmware_app.records.export import export_feedback, export_fileset
+from firmware_app.sources import open_source
 from firmware_app.sources.dicom import load_frames
 from firmware_app.sources.phantom import UltrasoundPhantom, XrayPhantom
 from firmware_app.types import Box, Result
@@ -24,10 +25,21 @@ from firmware_app.types import Box, Result
 DCIODVFY = shutil.which("dciodvfy")
 
 
+def source_frame(uri: str):
+    """The first frame of ``uri`` as the daemon gets it (profile, imaging region, meta)."""
+    with open_source(uri) as src:
+        return src.read()
+
+
 def _captures(data_dir: Path) -> dict[str, str]:
-    """Captures from a DICOM US file, a multi-frame YBR cine, an ultrasound and an X-ray phantom."""
+    """Captures from DICOM US files (one with its ultrasound region, as the source crops it), a
+    multi-frame YBR cine, a radiograph, an ultrasound and an X-ray phantom."""
     rec = Recorder(data_dir, model=MODEL)
     ids: dict[str, str] = {}
+    ob = source_frame(f"dicom:{pydicom_data_file('OBXXXX1A.dcm')}")  # cropped to its region
+    ids["dicom_region"] = rec.capture(ob, seg_result(ob.id, disc(ob.pixels.shape[:2], (340, 230), 60)))
+    cr = source_frame(f"dicom:{pydicom_data_file('RG1_UNCI.dcm')}")  # full frame with a pixel spacing
+    ids["dicom_cr"] = rec.capture(cr, Result(cr.id, "classification", "nodule", 0.6, True, {"nodule": 0.6}))
     us1 = pydicom_data_file("US1_UNCR.dcm")
     px, meta = next(load_frames(us1))
     ids["dicom_seg"] = rec.capture(
@@ -247,6 +259,8 @@ def test_deidentified_export_has_no_patient_identifiers(exported: dict) -> None:
         str(cine.PatientName).encode(),
         original.InstitutionName.encode(),
     ]
+    ob = pydicom.dcmread(pydicom_data_file("OBXXXX1A.dcm"), stop_before_pixels=True)
+    secrets += [ob.PatientID.encode(), ob.StudyInstanceUID.encode()]
     files = [p for p in root.rglob("*") if p.is_file()]
     for p in files:
         blob = p.read_bytes()
@@ -256,8 +270,21 @@ def test_deidentified_export_has_no_patient_identifiers(exported: dict) -> None:
         for s in secrets:
             assert s not in blob, (p, s)
     datasets = _instances(root)
-    assert {ds.PatientIdentityRemoved for ds in datasets} == {"YES"}
     assert all("113100" in [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] for ds in datasets)
+    # Patient Identity Removed YES only where the pixels hold just the established imaging region
+    report = exported["deid"]
+    clean = {cid for cid, _ in report.not_clean} ^ {e.capture_id for e in report.exported}
+    assert clean == {exported["ids"]["dicom_region"]}
+    for key, cid in exported["ids"].items():
+        if key == "case":
+            continue
+        for ds in _by_capture(exported, key, "deid").values():
+            codes = [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
+            if cid in clean:
+                assert ds.PatientIdentityRemoved == "YES" and "113101" in codes, key
+            else:
+                assert ds.PatientIdentityRemoved == "NO" and "113101" not in codes, key
+                assert "Pixels NOT cleaned" in ds.DeidentificationMethod[-1]
     # references survive de-identification
     objs = _by_capture(exported, "dicom_seg", "deid")
     ref = objs["seg"].ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
@@ -278,7 +305,10 @@ def test_feedback_export_is_deidentified_with_the_mark(exported: dict) -> None:
     assert doc["ai"]["label"] is None
     assert case_id not in sidecars[0].read_text() and case_id[:8] not in doc["case"]
     src = pydicom.dcmread(exported["root"] / "feedback" / "DICOM" / doc["dicom"]["source"])
-    assert src.PatientIdentityRemoved == "YES"
+    # the case is a full frame of the cine (its ultrasound region does not fit it): header de-identified,
+    # pixels not cleaned, and said so
+    assert src.PatientIdentityRemoved == "NO"
+    assert [cid for cid, _ in report.not_clean] == [case_id]
     cine = pydicom.dcmread(pydicom_example("examples_ybr_color.dcm"), stop_before_pixels=True)
     assert src.PatientID != cine.PatientID and str(cine.PatientName) not in str(src.PatientName)
 

@@ -15,6 +15,12 @@ inside the encrypted file only); for a video source, from the current study that
 (generated Study Instance UID, Study ID and a device-generated Patient ID; no names), kept in
 ``captures/current-study.json`` so that a restart mid-examination does not split the study.
 
+Imaging region: a capture keeps where its pixels came from (``RegionFacts``: the frame's
+``imaging_region`` [x, y, w, h] in source pixels, ``region_from``, ``mm_per_px`` and the source picture's
+``full_size``), so that an export can tell whether the scanner's chrome (patient name, date) was cut
+off. A capture written before these facts were kept loads as ``region_from = "full_frame"`` with the rest
+unknown: nothing is claimed about its pixels.
+
 Exported captures get a plain marker ``<id>.exported`` (export id, time, de-identified or not: no patient
 data); ``purge_exported`` deletes only captures that have one, i.e. after a successful export.
 
@@ -168,6 +174,64 @@ class Mark:
 
 
 @dataclass(frozen=True)
+class RegionFacts:
+    """Where a capture's pixels came from in the source picture (``firmware_app.sources.region``).
+
+    ``region_from`` is one of ``board``, ``dicom``, ``detected`` (the region is established: the pixels are
+    that region) or ``full_frame`` (not established: nothing is known about what the picture holds).
+    """
+
+    region_from: str = "full_frame"
+    imaging_region: tuple[int, int, int, int] | None = None  # x, y, w, h in source pixels; None: unknown
+    mm_per_px: tuple[float, float] | None = None  # (dx, dy) of one source pixel, or unknown
+    full_size: tuple[int, int] | None = None  # (width, height) of the source picture, or unknown
+
+    @property
+    def established(self) -> bool:
+        """The imaging region is known (a board crop, the file's own statement or a detected one)."""
+        return self.region_from != "full_frame" and self.imaging_region is not None
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> RegionFacts:
+        """From a frame's (or a stored capture's) meta; anything malformed is unknown, never a claim."""
+        from firmware_app.sources.region import ORIGINS
+
+        rect = _ints(meta.get("imaging_region"), 4)
+        if rect is not None and (rect[2] <= 0 or rect[3] <= 0 or rect[0] < 0 or rect[1] < 0):
+            rect = None
+        origin = meta.get("region_from")
+        if origin not in ORIGINS or rect is None:
+            origin = "full_frame"
+        size = _ints(meta.get("full_size"), 2)
+        mm = meta.get("mm_per_px")
+        scale: tuple[float, float] | None = None
+        if isinstance(mm, (list, tuple)) and len(mm) == 2:
+            try:
+                dx, dy = float(mm[0]), float(mm[1])
+            except (TypeError, ValueError):
+                dx = dy = math.nan
+            if math.isfinite(dx) and math.isfinite(dy) and dx > 0 and dy > 0:
+                scale = (dx, dy)
+        return cls(str(origin), rect, scale, size)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "region_from": self.region_from,
+            "imaging_region": None if self.imaging_region is None else list(self.imaging_region),
+            "mm_per_px": None if self.mm_per_px is None else list(self.mm_per_px),
+            "full_size": None if self.full_size is None else list(self.full_size),
+        }
+
+
+def _ints(value: Any, n: int) -> tuple[int, ...] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        return None
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+        return None
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
 class ClipFrame:
     frame_id: int
     t_capture_ns: int
@@ -207,6 +271,7 @@ class Capture:
     clip: list[ClipFrame] = field(default_factory=list)
     mark: Mark | None = None
     silent_trial: bool = False
+    region: RegionFacts = field(default_factory=RegionFacts)
 
     @property
     def modality(self) -> str:
@@ -335,6 +400,7 @@ def pack(capture: Capture) -> bytes:
         "clip": [{"frame_id": c.frame_id, "t_capture_ns": c.t_capture_ns} for c in capture.clip],
         "mark": None if capture.mark is None else asdict(capture.mark),
         "silent_trial": capture.silent_trial,
+        "region": capture.region.to_json(),
     }
     if r is not None:
         if r.mask is not None:
@@ -385,6 +451,7 @@ def unpack(blob: bytes) -> Capture:
         clip=clip,
         mark=None if meta["mark"] is None else Mark(**meta["mark"]),
         silent_trial=bool(meta.get("silent_trial", False)),
+        region=RegionFacts.from_meta(meta.get("region") or {}),  # older captures: full frame, unknown
     )
 
 
@@ -956,6 +1023,7 @@ class Recorder:
             clip=self.ring.snapshot(frame.t_capture_ns),
             mark=mark,
             silent_trial=self.silent_trial,
+            region=RegionFacts.from_meta(frame.meta),
         )
 
     def _worker(self) -> None:

@@ -34,7 +34,15 @@ def _print_report(report: ExportReport, what: str, out: TextIO, err: TextIO) -> 
         print(f"exported {what} {item.capture_id}: {len(item.files)} DICOM files ({item.finding})", file=out)
     for cid, why in report.failed:
         print(f"firmware-app: NOT exported {what} {cid}: {why}", file=err)
+    for cid, why in report.not_clean:  # the capture id and the reason only: no patient identifiers
+        print(
+            f"firmware-app: {what} {cid} NOT de-identified in its pixels: {why}; burned-in patient text may "
+            "remain (exported with Patient Identity Removed NO)",
+            file=err,
+        )
     deid = ", de-identified" if report.deidentified else ""
+    if report.deidentified and report.not_clean:
+        deid += f" ({len(report.not_clean)} not in their pixels)"
     if not report.exported and not report.failed:
         print(f"nothing to export: no {what} waiting (exported ones are kept until purged)", file=out)
         return 0

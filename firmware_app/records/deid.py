@@ -12,9 +12,18 @@ Options applied, as recorded in De-identification Method Code Sequence:
 - 113105 Clean Descriptors: the descriptions the device writes (series descriptions, image comments, the
   overlay's band) name only the AI model; descriptions copied from a source file are removed.
 
+- 113101 Clean Pixel Data Option: only when the capture's imaging region is established (a board crop, the
+  file's Sequence of Ultrasound Regions, a detected region): the scanner's chrome, where it writes the
+  patient's name, ID and the date, is not in the exported pixels (the export keeps only the imaging region,
+  ``records.export``). The pixels themselves are not touched here.
+
+Where the imaging region is NOT established (``full_frame``: the whole picture, nothing known about what it
+holds), burned-in patient text may remain in the pixels: the header is de-identified all the same, but
+Patient Identity Removed is NO, 113101 is not claimed, and De-identification Method says why
+(``PIXELS_NOT_CLEAN``). Nobody downstream may take such a file for an anonymous one.
+
 Pseudonyms, new UIDs and date shifts come from keyed hashes with a secret derived from the device key: they
-cannot be reversed off the device and never repeat across devices. Burned-in text in the source image
-itself is not removed here: the source profile blacks it out at capture (``sources.profile``).
+cannot be reversed off the device and never repeat across devices.
 """
 
 from __future__ import annotations
@@ -71,6 +80,9 @@ METHOD_CODES = (
     ("113105", "Clean Descriptors Option"),
 )
 METHOD_TEXT = ("Basic Profile", "Modified Dates", "Clean Descriptors")
+CLEAN_PIXELS = ("113101", "Clean Pixel Data Option")
+CLEAN_PIXELS_TEXT = "Clean Pixel Data: imaging region only"
+PIXELS_NOT_CLEAN = "Pixels NOT cleaned: imaging region not established"  # LO: 64 chars at most
 
 
 class Deidentifier:
@@ -102,8 +114,12 @@ class Deidentifier:
         """Days every date of this patient moves back (365..3649)."""
         return 365 + int.from_bytes(self._h("dates", patient_id)[:4], "big") % (3650 - 365)
 
-    def apply(self, ds: Any) -> None:
-        """De-identify ``ds`` in place (and its file meta), keeping the device's own descriptors."""
+    def apply(self, ds: Any, *, pixels_clean: bool) -> None:
+        """De-identify ``ds`` in place (and its file meta), keeping the device's own descriptors.
+
+        ``pixels_clean``: the capture's pixels hold only its established imaging region (see the module
+        docstring); False: Patient Identity Removed is NO and the method says the pixels were not cleaned.
+        """
         from pydicom.dataset import Dataset
 
         patient_key = str(ds.get("PatientID", "") or "") or str(ds.get("StudyInstanceUID", ""))
@@ -121,10 +137,10 @@ class Deidentifier:
                 ds[kw].value = ""
         for kw, value in own.items():
             setattr(ds, kw, value)
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = list(METHOD_TEXT)
+        ds.PatientIdentityRemoved = "YES" if pixels_clean else "NO"
+        ds.DeidentificationMethod = [*METHOD_TEXT, CLEAN_PIXELS_TEXT if pixels_clean else PIXELS_NOT_CLEAN]
         items = []
-        for value, meaning in METHOD_CODES:
+        for value, meaning in (*METHOD_CODES, *([CLEAN_PIXELS] if pixels_clean else [])):
             item = Dataset()
             item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
             items.append(item)

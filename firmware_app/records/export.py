@@ -24,6 +24,35 @@ Model Name = model id, Software Versions = model version, Device UID = this devi
 A capture made during a silent trial exports only its source image unless ``include_silent_results``: the
 clinicians must not see the AI's results before go-live.
 
+Imaging region (``PixelRegion``, from the capture's ``RegionFacts``): the exported source image, and the
+overlay drawn on it, hold only pixels of the capture's established imaging region. A capture's pixels are
+already cut to its region at the source (``Source.make_frame``), so they are exported as they are, with
+the region's scale: an ultrasound image gets a Sequence of Ultrasound Regions moved to the crop (the
+source file's own regions, translated and clipped to the imaging region, the others dropped; or one 2D
+tissue region with the known mm per pixel), a Secondary Capture gets Pixel Spacing. A capture whose pixels
+are still the whole source picture (a frame recorded without cropping, from a tool or a test) has
+everything outside its region set to 0 instead of cropped, so that its result's coordinates stay valid.
+SEG and SR refer to the exported image as it is (same rows and columns, its pixel coordinates; the SEG
+takes its Pixel Spacing when it has one; the SR adds the area in mm2 when the scale is known).
+
+Burned In Annotation (PS3.3 C.7.6.1.1.11: "sufficient burned in annotation to identify the patient and
+the date the image was acquired") is set from the region, for plain and de-identified exports alike:
+
+- region established (``board``, ``dicom``, ``detected``): NO, also on the overlay (its bands name only
+  the model and the finding). A scanner writes the patient's name, ID and the date in its chrome, around
+  the image: the file's Sequence of Ultrasound Regions says where its image data is, an installer's board
+  crop is measured to leave the chrome out, a detected region is what moves. A source file's own
+  Burned In Annotation YES describes its whole picture, chrome included, so it does not carry over to the
+  crop. What a crop can still hold is what the scanner draws inside the image (calipers, depth marks, a
+  body marker, a typed label): those do not identify the patient and the date. A free-text label typed
+  over the image by the operator could; that residual risk is the site's to control (the board's
+  ``blackout`` rectangles, or no typed labels on this scanner);
+- not established (``full_frame``, or a capture from before the region was kept): nothing is claimed:
+  the source image repeats the source file's own statement (YES or NO) or leaves it out (unknown), the
+  overlay says YES. A de-identified export of such a capture de-identifies the header but says Patient
+  Identity Removed NO (``records.deid``), and ``ExportReport.not_clean`` names the capture (the command
+  line prints one line for each, with the capture id only).
+
 UIDs are derived from the device UID, the capture id and the object's role, so exporting a capture again
 gives the same UIDs (a PACS then keeps one copy). Only after the whole File-set is written and fsynced are
 the captures marked exported; nothing is deleted here (see ``CaptureStore.purge_exported``).
@@ -112,6 +141,7 @@ class ExportedCapture:
     files: list[str]  # File IDs relative to the File-set root, in the order source, overlay, SEG, SR
     uids: dict[str, str]  # role -> SOP Instance UID
     finding: str
+    deidentified: bool = False  # de-identified, pixels included (Patient Identity Removed YES)
 
 
 @dataclass
@@ -122,6 +152,9 @@ class ExportReport:
     exported: list[ExportedCapture] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (capture id, one-line reason)
     dicomdir: Path | None = None
+    # de-identified exports: captures whose pixels may still hold burned-in text (capture id, why; no
+    # identifiers), exported with Patient Identity Removed NO
+    not_clean: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -306,6 +339,106 @@ def _lossy(cap: Capture) -> tuple[str, str] | None:
     return (method, "") if method else None
 
 
+@dataclass(frozen=True)
+class PixelRegion:
+    """What the exported image holds of the source picture."""
+
+    established: bool  # only pixels of an established imaging region are in the image
+    rect: tuple[int, int, int, int]  # the imaging region inside the exported image: x, y, w, h
+    # where the exported image's (0, 0) lies in the source picture; None: unknown
+    offset: tuple[int, int] | None
+    cropped: bool = False  # the image is a part of the source picture, not the whole of it
+    blanked: bool = False  # the pixels outside ``rect`` are set to 0 by the export
+    why: str = ""  # not established: why, one line without identifiers
+
+
+def pixel_region(cap: Capture) -> PixelRegion:
+    """How the capture's pixels relate to its imaging region (``RegionFacts``)."""
+    facts = cap.region
+    h, w = (int(v) for v in cap.pixels.shape[:2])
+    whole = (0, 0, w, h)
+    rect = facts.imaging_region
+    if rect is None:
+        return PixelRegion(False, whole, None, why="imaging region unknown (capture made before it was kept)")
+    x, y, rw, rh = rect
+    if not facts.established:
+        offset = (x, y) if (rw, rh) == (w, h) else None
+        return PixelRegion(False, whole, offset, why="imaging region not established (full frame)")
+    if (rw, rh) == (w, h):
+        return PixelRegion(True, whole, (x, y), cropped=facts.full_size != (w, h) or (x, y) != (0, 0))
+    if facts.full_size == (w, h) and x + rw <= w and y + rh <= h:
+        return PixelRegion(True, (x, y, rw, rh), (0, 0), blanked=True)
+    return PixelRegion(
+        False,
+        whole,
+        None,
+        why=f"stored {w}x{h} pixels match neither the imaging region nor the source picture",
+    )
+
+
+def region_pixels(cap: Capture, region: PixelRegion) -> np.ndarray:
+    """The capture's pixels with only the imaging region kept (outside it: 0)."""
+    if not region.blanked:
+        return cap.pixels
+    x, y, w, h = region.rect
+    out = np.zeros_like(cap.pixels)
+    out[y : y + h, x : x + w] = cap.pixels[y : y + h, x : x + w]
+    return out
+
+
+def _burned_in(cap: Capture, region: PixelRegion) -> str | None:
+    """The source image's Burned In Annotation (see the module docstring); None: unknown, left out."""
+    if region.established:
+        return "NO"
+    stated = cap.dicom_header.get("BurnedInAnnotation") if cap.dicom_header is not None else None
+    return stated if stated in ("YES", "NO") else None
+
+
+def _us_regions(cap: Capture, region: PixelRegion) -> list[Any]:
+    """The Sequence of Ultrasound Regions of the exported image: the source file's regions moved to it
+    (translated by the crop, clipped to the imaging region, those outside it dropped), else one 2D tissue
+    region over the imaging region when its scale is known; [] when the geometry is unknown."""
+    from pydicom.dataset import Dataset
+
+    if region.offset is None:
+        return []
+    ox, oy = region.offset
+    rx, ry, rw, rh = region.rect
+    items = []
+    seq = cap.dicom_header.get("SequenceOfUltrasoundRegions") if cap.dicom_header is not None else None
+    for item in seq or ():
+        keys = ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")
+        if any(item.get(k) is None for k in keys):
+            continue
+        x0, y0, x1, y1 = (int(item.get(k)) for k in keys)
+        x0, x1, y0, y1 = x0 - ox, x1 - ox, y0 - oy, y1 - oy
+        cx0, cy0 = max(x0, rx), max(y0, ry)
+        cx1, cy1 = min(x1, rx + rw - 1), min(y1, ry + rh - 1)
+        if cx1 < cx0 or cy1 < cy0:
+            continue  # outside the imaging region: not in the exported pixels
+        new = copy.deepcopy(item)
+        new.RegionLocationMinX0, new.RegionLocationMinY0 = cx0, cy0
+        new.RegionLocationMaxX1, new.RegionLocationMaxY1 = cx1, cy1
+        # the reference pixel is relative to the region's top left corner, which moved by the clipping
+        if "ReferencePixelX0" in new:
+            new.ReferencePixelX0 = int(new.ReferencePixelX0) + x0 - cx0
+        if "ReferencePixelY0" in new:
+            new.ReferencePixelY0 = int(new.ReferencePixelY0) + y0 - cy0
+        items.append(new)
+    if items or not region.established or cap.region.mm_per_px is None:
+        return items
+    dx, dy = cap.region.mm_per_px
+    item = Dataset()
+    item.RegionSpatialFormat = 1  # 2D
+    item.RegionDataType = 1  # tissue
+    item.RegionFlags = 0
+    item.RegionLocationMinX0, item.RegionLocationMinY0 = rx, ry
+    item.RegionLocationMaxX1, item.RegionLocationMaxY1 = rx + rw - 1, ry + rh - 1
+    item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = 3  # cm
+    item.PhysicalDeltaX, item.PhysicalDeltaY = dx / 10.0, dy / 10.0
+    return [item]
+
+
 def source_image(cap: Capture, eq: Equipment) -> Any:
     """The captured frame as Ultrasound Image Storage (US) or Secondary Capture (anything else)."""
     modality = cap.modality
@@ -316,15 +449,28 @@ def source_image(cap: Capture, eq: Equipment) -> Any:
         n = int(src.get("n_frames", 1) or 1)
         frame = int(src.get("frame_index", 0)) + 1 if n > 1 else None
         original = (str(src["SOPClassUID"]), str(src["SOPInstanceUID"]), frame)
+    region = pixel_region(cap)
     ds = _common(cap, eq, US_IMAGE if us else SC_IMAGE, "source", modality, original)
-    _pixels(ds, cap.pixels)
+    _pixels(ds, region_pixels(cap, region))
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    if cap.dicom_header is not None and cap.dicom_header.get("BurnedInAnnotation") in ("YES", "NO"):
-        ds.BurnedInAnnotation = cap.dicom_header.BurnedInAnnotation
+    burned_in = _burned_in(cap, region)
+    if burned_in is not None:
+        ds.BurnedInAnnotation = burned_in
     if original is not None:
-        ds.DerivationDescription = (
-            "Frame as analysed by the AI: display-mapped to 8 bits, cropped to the image"
-        )
+        how = "display-mapped to 8 bits"
+        if region.cropped:
+            how += f", cropped to the imaging region ({cap.region.region_from})"
+            ds.SourceImageSequence[0].SpatialLocationsPreserved = "NO"
+        elif region.blanked:
+            how += f", outside the imaging region ({cap.region.region_from}) set to 0"
+        ds.DerivationDescription = f"Frame as analysed by the AI: {how}"
+    if us:
+        regions = _us_regions(cap, region)
+        if regions:
+            ds.SequenceOfUltrasoundRegions = regions
+    elif cap.region.mm_per_px is not None and region.offset is not None:
+        dx, dy = cap.region.mm_per_px
+        ds.PixelSpacing = [f"{dy:.8g}", f"{dx:.8g}"]  # DICOM order: between rows, between columns
     if not us:
         ds.ConversionType = "WSD" if cap.dicom_header is not None else "DV"
     lossy = _lossy(cap)
@@ -362,14 +508,16 @@ def overlay_image(cap: Capture, eq: Equipment, source: Any) -> Any:
     m = cap.model
     not_cleared = not (m and m.cleared_for_clinical_use)
     model_id, version = (m.id, m.version) if m else ("unknown model", "")
-    picture = render_overlay(cap.pixels, cap.result, model_id, version, not_cleared)
+    region = pixel_region(cap)
+    picture = render_overlay(region_pixels(cap, region), cap.result, model_id, version, not_cleared)
     ds = _common(
         cap, eq, SC_IMAGE, "overlay", cap.modality, (source.SOPClassUID, source.SOPInstanceUID, None)
     )
     _pixels(ds, picture)
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.ConversionType = "WSD"
-    ds.BurnedInAnnotation = "YES"
+    # the bands name the model and the finding, not the patient or the date (module docstring)
+    ds.BurnedInAnnotation = "NO" if region.established else "YES"
     ds.RecognizableVisualFeatures = "NO"
     label = f"AI overlay burned in: {model_id} {version}".strip()
     ds.ImageComments = label + (". NOT FOR DIAGNOSTIC USE" if not_cleared else "")
@@ -414,8 +562,14 @@ def segmentation(cap: Capture, eq: Equipment, source: Any) -> Any | None:
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
+    measures = None
+    if "PixelSpacing" not in source and pixel_region(cap).offset is not None and cap.region.mm_per_px:
+        # an ultrasound image states its scale in its regions: the SEG gets it as Pixel Measures
+        dx, dy = cap.region.mm_per_px
+        measures = hd.PixelMeasuresSequence(pixel_spacing=[round(dy, 8), round(dx, 8)], slice_thickness=None)
     seg = hd.seg.Segmentation(
         source_images=[source],
+        pixel_measures=measures,
         pixel_array=mask[None, :, :],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
@@ -459,6 +613,15 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
     )
     confidence_unit = codes.UCUM.Percent
     pixels_unit = hd.sr.CodedConcept(value="{pixels}", scheme_designator="UCUM", meaning="pixels")
+    # the exported image's pixels are source pixels: the region's scale holds for them
+    scale = cap.region.mm_per_px if pixel_region(cap).offset is not None else None
+
+    def area(n_pixels: float) -> list[Any]:
+        out = [hd.sr.Measurement(name=codes.SCT.Area, value=float(n_pixels), unit=pixels_unit)]
+        if scale is not None:
+            mm2 = round(float(n_pixels) * scale[0] * scale[1], 2)
+            out.append(hd.sr.Measurement(name=codes.SCT.Area, value=mm2, unit=codes.UCUM.SquareMillimeter))
+        return out
 
     def confidence(value: float | None) -> list[Any]:
         if value is None:
@@ -485,7 +648,7 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
                 graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32),
                 source_image=hd.sr.SourceImageForRegion.from_source_image(source),
             )
-            area = max(0.0, (x1 - x0) * (y1 - y0))
+            box_area = round(max(0.0, (x1 - x0) * (y1 - y0)), 1)
             groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking(n),
@@ -494,12 +657,12 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
                     algorithm_id=algorithm,
                     measurements=[
                         *confidence(b.score),
-                        hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 1), unit=pixels_unit),
+                        *area(box_area),
                     ],
                 )
             )
     elif r is not None and r.label is not None and seg is not None:
-        area = int(_frame_mask(cap).sum())  # type: ignore[union-attr]
+        mask_area = int(_frame_mask(cap).sum())  # type: ignore[union-attr]
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking(1),
@@ -516,7 +679,7 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
                 algorithm_id=algorithm,
                 measurements=[
                     *confidence(r.confidence),
-                    hd.sr.Measurement(name=codes.SCT.Area, value=float(area), unit=pixels_unit),
+                    *area(mask_area),
                 ],
             )
         )
@@ -749,10 +912,14 @@ def _export(
             exported=len(report.exported),
             failed=len(report.failed),
             deidentified=deidentify,
+            # exported de-identified in the header only: burned-in text may remain in their pixels
+            pixels_not_clean=[cid for cid, _ in report.not_clean][:64] if deidentify else None,
             captures=[e.capture_id for e in report.exported][:64],
         )
         for cid, why in report.failed:
             log.error("capture %s not exported: %s", cid, why)
+        for cid, why in report.not_clean:
+            log.warning("capture %s exported with Patient Identity Removed NO: %s", cid, why)
     return report
 
 
@@ -771,22 +938,25 @@ def _export_batch(
     staging = Path(tempfile.mkdtemp(prefix=".fwapp-staging-", dir=out))
     try:
         fs, existing = _open_fileset(out, staging)
-        staged: list[tuple[str, dict[str, str], str]] = []  # capture id, role -> SOP Instance UID, finding
+        # capture id, role -> SOP Instance UID, finding, why its pixels are not clean ("": they are)
+        staged: list[tuple[str, dict[str, str], str, str]] = []
         for info in infos:
             try:
                 cap = store.load(info.id)
                 include_ai = include_silent_results or not cap.silent_trial
                 instances = build_instances(cap, eq, include_ai=include_ai)
+                why_not_clean = ""
                 if deid is not None:
+                    region = pixel_region(cap)
+                    why_not_clean = "" if region.established else region.why
                     # highdicom shares elements between the objects it derives: de-identify copies
                     instances = {role: copy.deepcopy(ds) for role, ds in instances.items()}
                     for ds in instances.values():
-                        deid.apply(ds)
+                        deid.apply(ds, pixels_clean=not why_not_clean)
                 for ds in instances.values():
                     _trim_sr_record(fs.add(ds))  # staged to a file: the dataset is not kept
-                staged.append(
-                    (info.id, {r: str(d.SOPInstanceUID) for r, d in instances.items()}, _finding(cap))
-                )
+                uids = {r: str(d.SOPInstanceUID) for r, d in instances.items()}
+                staged.append((info.id, uids, _finding(cap), why_not_clean))
             except RecordsError as exc:
                 report.failed.append((info.id, str(exc)))
             except Exception as exc:  # noqa: BLE001 - one capture that cannot be converted must not stop the rest
@@ -805,7 +975,7 @@ def _export_batch(
             ) from None
         done: list[ExportedCapture] = []
         written: list[Path] = []
-        for cid, uids, finding in staged:
+        for cid, uids, finding, why_not_clean in staged:
             files = []
             for role, uid in uids.items():
                 found = fs.find(SOPInstanceUID=uid)
@@ -813,14 +983,16 @@ def _export_batch(
                     raise ExportFailed(f"capture {cid}: {role} missing from the written File-set")
                 files.append(str(found[0].FileID))
                 written.append(Path(found[0].path))
-            done.append(ExportedCapture(cid, files, uids, finding))
+            clean = report.deidentified and not why_not_clean
+            done.append(ExportedCapture(cid, files, uids, finding, deidentified=clean))
         report.dicomdir = out / "DICOMDIR"
         _fsync_files([*written, report.dicomdir])
         if before_mark is not None:
             before_mark(done)
         for item in done:
-            store.mark_exported(item.capture_id, kind, report.export_id, report.deidentified)
+            store.mark_exported(item.capture_id, kind, report.export_id, item.deidentified)
         report.exported.extend(done)
+        report.not_clean.extend((cid, why) for cid, _, _, why in staged if why)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

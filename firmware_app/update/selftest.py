@@ -4,6 +4,11 @@
 (the exact raw outputs). Each output must match within the manifest's ``[golden] atol``: for integer
 tensors max |int(out) - int(expected)| <= atol, for float tensors max |out - expected| <= atol.
 
+A model with an input gate (``[gate]``) must open its gate file, and each case must hold ``gate_pixels``
+(the gate's working image of the case) and ``gate_score`` (written by ``tools/make_gate.py``): the gate must
+reproduce the score within ``GATE_RTOL`` relative (float64 arithmetic on the same pixels; what differs
+between devices is the last bits of a sum). A model without a gate ignores those arrays.
+
 Used before an update switches slots (on the new folder, still in private storage), at the first starts after
 an update (install.boot_check), and by ``firmware-app selftest`` on every installed model.
 """
@@ -21,10 +26,13 @@ import numpy as np
 from firmware_app.backends import make_backend
 from firmware_app.config import BoardConfig
 from firmware_app.errors import FirmwareAppError
+from firmware_app.gate import InputGate
 from firmware_app.models.store import ModelRef, find_model, list_models
 from firmware_app.update.slots import active_slot, slot_manifest, slot_problems
 
 _CASE = re.compile(r"case_\d{3}\.npz")
+GATE_RTOL = 1e-4
+_GATE_KEYS = {"gate_pixels", "gate_score"}
 
 
 @dataclass(frozen=True)
@@ -68,13 +76,18 @@ def run_golden(model: ModelRef, backend) -> tuple[int, float]:
     atol = model.manifest.golden_atol
     worst = 0.0
     expected_names = {"input"} | {f"output_{i}" for i in range(len(backend.outputs))}
+    gate = InputGate.from_manifest(model.manifest)  # BadModel names a missing or broken gate file
     for path in cases:
         try:
             with np.load(path, allow_pickle=False) as npz:
-                if set(npz.files) != expected_names:
+                names = set(npz.files)
+                if names - _GATE_KEYS != expected_names or (names & _GATE_KEYS and not _GATE_KEYS <= names):
                     raise FirmwareAppError(
                         f"{path.name}: arrays {sorted(npz.files)}, expected {sorted(expected_names)}"
+                        f" (and gate_pixels, gate_score for a model with a gate)"
                     )
+                if gate is not None:
+                    _check_gate(path.name, gate, npz)
                 x = npz["input"]
                 if x.shape != backend.input.shape or x.dtype != backend.input.dtype:
                     raise FirmwareAppError(
@@ -95,6 +108,18 @@ def run_golden(model: ModelRef, backend) -> tuple[int, float]:
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise FirmwareAppError(f"{path.name}: unreadable golden file ({exc})") from None
     return len(cases), worst
+
+
+def _check_gate(name: str, gate: InputGate, npz) -> None:
+    if "gate_score" not in npz.files:
+        raise FirmwareAppError(f"{name}: the model has an input gate but the case holds no gate_score")
+    want = float(npz["gate_score"])
+    got = gate.check(npz["gate_pixels"]).score
+    if not abs(got - want) <= GATE_RTOL * max(abs(want), 1e-6):
+        raise FirmwareAppError(
+            f"{name}: input gate score {got:.6g}, golden {want:.6g} (rtol {GATE_RTOL:g}): "
+            f"the gate file {gate.path.name if gate.path else ''} does not match its golden vectors"
+        )
 
 
 def selftest_model(

@@ -280,3 +280,30 @@ def test_frozen_detector():
     first_frozen = states.index(True)
     assert 60 <= first_frozen <= 62 and all(states[first_frozen:])
     assert not det.update(ph.render(500)[0], t0 + 90 * step)  # a new picture: live again
+
+
+# ---------------------------------------------------------------- validate
+def test_validate_reports_the_gate(tmp_path, capsys):
+    import json
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_phantom_dataset import make_dataset
+
+    from firmware_app.cli import main
+
+    ds = make_dataset("segmentation", 12, 4343, tmp_path / "ds")
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    for name, px in list(made_frames("ultrasound").items())[:6]:
+        cv2.imwrite(str(ood / f"{name}.png"), px)
+    argv = ["validate", "--model", "us-fluid-seg", "--dataset", str(ds), "--ood", str(ood), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    g = out["gate"]
+    assert g["n"] == 12 and g["flag_rate"]["value"] <= 1 / 12 and len(g["flag_rate"]["ci95"]) == 2
+    assert g["threshold"] == load_manifest(MODELS / "us-fluid-seg").gate["threshold"]
+    assert g["ood_n"] == 6 and g["ood_flag_rate"]["value"] == 1.0 and g["auroc"] == 1.0
+    assert {"dice", "sensitivity", "n", "model"} <= set(out)  # the other keys are still there
+    assert main(argv[:-3] + ["--json"]) == 0
+    assert "ood_n" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gate"]
+    assert main(argv[:-2] + [str(tmp_path / "nope"), "--json"]) == 2

@@ -87,7 +87,8 @@ def describe_working(work: np.ndarray) -> tuple[np.ndarray, float]:
     if work.ndim == 3:
         gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
         half = cv2.resize(work, (WORK_W // 2, WORK_H // 2), interpolation=cv2.INTER_AREA)
-        chroma = cv2.subtract(half.max(axis=2), half.min(axis=2))
+        b, g, r = cv2.split(half)  # OpenCV per-channel max/min: ~10x faster than numpy over axis 2
+        chroma = cv2.subtract(cv2.max(cv2.max(b, g), r), cv2.min(cv2.min(b, g), r))
         chroma_mean = float(cv2.mean(chroma)[0]) / 255.0
         chroma_frac = cv2.countNonZero(cv2.compare(chroma, _CHROMA_MIN, cv2.CMP_GT)) / chroma.size
     else:

@@ -86,6 +86,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="DIR with images/ and labels.csv, masks/ or boxes.csv")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--report", metavar="DIR", help="write report.html with plots and a per-case table here")
+    p.add_argument("--ood", metavar="DIR", help="images the model does not take: input gate flag rate, AUROC")
 
     p = sub.add_parser("doctor", help="what was found: runtimes, accelerators, display, devices, config")
     _common(p, top=False)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             from firmware_app.validate import cmd_validate
 
-            return cmd_validate(args.model, args.dataset, args.json, args.report, args.data_dir)
+            return cmd_validate(args.model, args.dataset, args.json, args.report, args.data_dir, args.ood)
         if args.command == "doctor":
             from firmware_app.doctor import run_doctor
 

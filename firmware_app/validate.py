@@ -824,8 +824,10 @@ def validate(
     thumbs: bool = False,
     resamples: int = BOOTSTRAP_RESAMPLES,
     progress: bool = False,
+    ood: str | Path | None = None,
 ) -> tuple[dict[str, Any], list[CaseRecord]]:
-    """Run ``model`` over ``dataset``: (the summary, one record per usable case)."""
+    """Run ``model`` over ``dataset``: (the summary, one record per usable case). ``ood``: a folder of
+    images the model does not take, for the input gate's figures (``gate_summary``)."""
     m = model.manifest
     cases, problems = read_dataset(dataset, m)
     task = _TASKS[m.task](m, m.alert)
@@ -870,9 +872,54 @@ def validate(
     else:
         value = task.agree_num / task.agree_den if task.agree_den else 1.0
         out["agreement_int8_float"] = {"what": what, "value": round(value, 5), "cases": task.agree_cases}
+    out["gate"] = gate_summary(model, [c.path for c in cases], ood, problems)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     out["problems"] = problems
     return out, task.records
+
+
+def gate_summary(
+    model: ModelRef, images: list[Path], ood: str | Path | None, problems: list[str]
+) -> dict[str, Any] | None:
+    """The input gate on the dataset (in distribution) and on ``ood``; None when the model has no gate.
+
+    ``flag_rate`` (with a 95 % Wilson interval) is the share of the dataset's images the gate refuses; with
+    ``ood``: ``ood_flag_rate`` and ``auroc`` (gate score, OOD images against the dataset's).
+    """
+    from firmware_app.gate import InputGate
+    from firmware_app.gate.build import auroc, image_files, load_file, wilson_ci
+
+    gate = InputGate.from_manifest(model.manifest)
+    if gate is None:
+        return None
+
+    def score_all(paths: list[Path], report: bool) -> tuple[np.ndarray, int]:
+        s, flagged = [], 0
+        for path in paths:
+            try:
+                v = gate.check(next(load_file(path, 1)))
+            except (BadFrame, StopIteration) as exc:
+                if report:  # a broken dataset image is already named once by the main loop
+                    problems.append(f"--ood {path.name}: {exc or 'no frame'}")
+                continue
+            s.append(v.score)
+            flagged += v.flagged
+        return np.array(s), flagged
+
+    s_in, k_in = score_all(images, False)
+    out: dict[str, Any] = {
+        "threshold": gate.threshold,
+        "n": int(s_in.size),
+        "flag_rate": _metric(k_in / s_in.size if s_in.size else float("nan"), None),
+    }
+    out["flag_rate"]["ci95"] = wilson_ci(k_in, int(s_in.size))
+    if ood is not None:
+        s_out, k_out = score_all(image_files(ood), True)
+        out["ood_n"] = int(s_out.size)
+        out["ood_flag_rate"] = _metric(k_out / s_out.size if s_out.size else float("nan"), None)
+        out["ood_flag_rate"]["ci95"] = wilson_ci(k_out, int(s_out.size))
+        out["auroc"] = round(auroc(s_in, s_out), 4) if s_in.size and s_out.size else None
+    return out
 
 
 _ORDER = (
@@ -910,15 +957,30 @@ def format_text(s: dict[str, Any]) -> str:
         )
     else:
         lines.append("int8 vs float agreement: no float twin (model_float.tflite) beside the model")
+    g = s.get("gate")
+    if g:
+        text = (
+            f"input gate (threshold {g['threshold']:.4g}): flags {100 * (g['flag_rate']['value'] or 0):.2f} %"
+        )
+        text += f" of the {g['n']} dataset images"
+        if "ood_n" in g:
+            text += f", {100 * (g['ood_flag_rate']['value'] or 0):.1f} % of {g['ood_n']} OOD images"
+            text += f", AUROC {g['auroc']:.3f}" if g["auroc"] is not None else ""
+        lines.append(text)
     if s["problems"]:
         lines.append(f"{len(s['problems'])} problem(s) in the dataset; those cases are left out")
     return "\n".join(lines)
 
 
 def cmd_validate(
-    model_ref: str, dataset: str, as_json: bool, report_dir: str | None, data_dir: str | None
+    model_ref: str,
+    dataset: str,
+    as_json: bool,
+    report_dir: str | None,
+    data_dir: str | None,
+    ood: str | None = None,
 ) -> int:
-    """``firmware-app validate --model ID|DIR --dataset DIR [--json] [--report DIR]``.
+    """``firmware-app validate --model ID|DIR --dataset DIR [--json] [--report DIR] [--ood DIR]``.
 
     Problems of the dataset go to stderr, one line each; exit code 2 when no case is usable (or the model
     or the dataset folder is unusable: BadModel / BadInput propagate with exit code 2).
@@ -926,7 +988,9 @@ def cmd_validate(
     model = find_model(model_ref, data_dir)
     if not Path(dataset).is_dir():
         raise BadInput(f"dataset {dataset}: folder not found")
-    summary, records = validate(model, dataset, thumbs=report_dir is not None, progress=not as_json)
+    if ood is not None and not Path(ood).is_dir():
+        raise BadInput(f"--ood {ood}: folder not found")
+    summary, records = validate(model, dataset, thumbs=report_dir is not None, progress=not as_json, ood=ood)
     for p in summary["problems"]:
         print(f"firmware-app: validate: {p}", file=sys.stderr)
     if summary["n"] == 0:
@@ -1110,6 +1174,20 @@ def write_report(report_dir: str | Path, s: dict[str, Any], records: list[CaseRe
         f"{100 * a['value']:.2f} % agreement of {e(a['what'])} over {a['cases']} cases.</p>"
         if a
         else "<p><b>Silent drift check</b>: no float twin (model_float.tflite) beside the model.</p>"
+    )
+    g = s.get("gate")
+    parts.append(
+        f"<p><b>Input gate</b> (threshold {g['threshold']:.4g}): flags {100 * (g['flag_rate']['value'] or 0):.2f} %"
+        f" of the {g['n']} dataset images"
+        + (
+            f", {100 * (g['ood_flag_rate']['value'] or 0):.1f} % of {g['ood_n']} out-of-distribution images"
+            f" (AUROC {g['auroc']})"
+            if "ood_n" in g
+            else ""
+        )
+        + ".</p>"
+        if g
+        else "<p><b>Input gate</b>: the model has no [gate].</p>"
     )
     parts.append("<h2>Curves</h2><div class=plots>")
     for name, img, caption in _plots(s):

@@ -2,12 +2,14 @@
 
 Unknown keys are an error; a missing required key is named; thresholds must lie within their bounds.
 The schema is in ../shared/DESIGN.md. Optional tables: ``[calibration]`` (temperature or Platt scaling
-applied by the task so the confidence shown is calibrated) and ``[golden]`` (tolerance of the golden
-vectors in ``golden/*.npz``).
+applied by the task so the confidence shown is calibrated), ``[golden]`` (tolerance of the golden
+vectors in ``golden/*.npz``) and ``[gate]`` (the input gate, ``firmware_app.gate``: its file beside the
+model, written by ``tools/make_gate.py``, and its operating point; a missing file is named).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +90,7 @@ class Manifest:
     reference: dict[str, Any] | None = None  # [reference]: training input statistics (drift warning)
     finding: FindingRules = FindingRules()
     has_finding_table: bool = False  # the manifest states its [finding] rules (else the defaults above)
-    gate: dict[str, Any] | None = (
-        None  # [gate]: the input gate's file and operating point (firmware_app.gate)
-    )
+    gate: dict[str, Any] | None = None  # [gate]: the input gate's file and operating point
     path: Path | None = None  # the folder
 
     def clamp_threshold(self, value: float) -> float:
@@ -113,7 +113,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "golden": ((dict,), False),
         "reference": ((dict,), False),  # input statistics for the drift warning (records.drift)
         "finding": ((dict,), False),  # what makes a result a finding (FindingRules)
-        "gate": ((dict,), False),  # the input gate (firmware_app.gate)
+        "gate": ((dict,), False),  # the input gate (firmware_app.gate, tools/make_gate.py)
     },
     "input": {
         "width": ((int,), True),
@@ -155,7 +155,21 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "cases": ((int,), False),
         "confidence_range": ((list,), False),
     },
+    "gate": {
+        "file": ((str,), True),
+        "method": ((str,), True),
+        "threshold": ((float, int), True),
+        "target_flag_rate": ((float, int), True),
+        "validation_flag_rate": ((float, int), False),
+        "reference_frames": ((int,), False),
+        "validation_frames": ((int,), False),
+        "ood_frames": ((int,), False),
+        "ood_flag_rate": ((float, int), False),
+        "ood_auroc": ((float, int), False),
+    },
 }
+GATE_METHODS = ("descriptor-mahalanobis-v1",)
+_GATE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def _check_table(table: dict[str, Any], section: str, where: str) -> None:
@@ -179,7 +193,7 @@ def _check_table(table: dict[str, Any], section: str, where: str) -> None:
 
 def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None) -> Manifest:
     _check_table(data, "", where)
-    for section in ("input", "output", "thresholds", "calibration", "golden", "finding"):
+    for section in ("input", "output", "thresholds", "calibration", "golden", "finding", "gate"):
         if section in data:
             _check_table(data[section], section, where)
     inp, out, thr = data["input"], data["output"], data["thresholds"]
@@ -241,6 +255,9 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         if problems:
             raise bad(problems[0])
     finding = _finding_rules(data.get("finding", {}), data["task"], bad)
+    gate = data.get("gate")
+    if gate is not None:
+        _check_gate(gate, folder, bad)
     atol = float(data.get("golden", {}).get("atol", 1.0))
     if atol < 0:
         raise bad(f"[golden] atol {atol} must be >= 0")
@@ -266,7 +283,7 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         reference=reference,
         finding=finding,
         has_finding_table="finding" in data,
-        gate=data.get("gate"),
+        gate=dict(gate) if gate is not None else None,
         path=folder,
     )
 
@@ -325,9 +342,28 @@ def _finding_rules(t: dict[str, Any], task: str, bad) -> FindingRules:
 
 
 def _finite(v: Any) -> bool:
-    import math
 
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_gate(gate: dict[str, Any], folder: Path | None, bad) -> None:
+    if not _GATE_FILE.match(gate["file"]):
+        raise bad(f"[gate] file {gate['file']!r} must be a plain file name in the model folder")
+    if gate["method"] not in GATE_METHODS:
+        raise bad(f"[gate] method {gate['method']!r} must be one of {', '.join(GATE_METHODS)}")
+    thr = float(gate["threshold"])
+    if not (math.isfinite(thr) and thr > 0):
+        raise bad(f"[gate] threshold {gate['threshold']!r} must be a positive number")
+    for key in ("target_flag_rate", "validation_flag_rate", "ood_flag_rate", "ood_auroc"):
+        if key in gate and not 0.0 <= float(gate[key]) <= 1.0:
+            raise bad(f"[gate] {key} {gate[key]!r} must be between 0 and 1")
+    if not 0.0 < float(gate["target_flag_rate"]) < 1.0:
+        raise bad(f"[gate] target_flag_rate {gate['target_flag_rate']!r} must be above 0 and below 1")
+    for key in ("reference_frames", "validation_frames", "ood_frames"):
+        if key in gate and gate[key] < 0:
+            raise bad(f"[gate] {key} {gate[key]!r} must be >= 0")
+    if folder is not None and not (folder / gate["file"]).is_file():
+        raise bad(f"[gate] file {gate['file']!r}: {folder / gate['file']} not found")
 
 
 def load_manifest(folder: str | Path) -> Manifest:

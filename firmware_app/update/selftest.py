@@ -5,23 +5,34 @@
 (firmware_app.backends.golden): LiteRT and the Edge TPU within the manifest's ``[golden] atol`` (integer
 steps, or output units for a float model), other runtimes at their plugin's stated ``Tolerance``.
 
+A model with an input gate (``[gate]``) must open its gate file, and each case must hold ``gate_pixels``
+(the gate's working image of the case) and ``gate_score`` (written by ``tools/make_gate.py``): the gate must
+reproduce the score within ``GATE_RTOL`` relative (float64 arithmetic on the same pixels; what differs
+between devices is the last bits of a sum). A model without a gate ignores those arrays.
+
 Used before an update switches slots (on the new folder, still in private storage), at the first starts after
 an update (install.boot_check), and by ``firmware-app selftest`` on every installed model.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from firmware_app.backends.base import EXACT, Tolerance
 from firmware_app.backends.chain import BackendChain, backend_plugins
 from firmware_app.backends.golden import check_golden, golden_cases
 from firmware_app.config import BoardConfig
 from firmware_app.errors import FirmwareAppError
+from firmware_app.gate import InputGate
 from firmware_app.models.store import ModelRef, find_model, list_models
 from firmware_app.update.slots import active_slot, slot_manifest, slot_problems
+
+GATE_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -47,13 +58,33 @@ class SelftestResult:
 
 def run_golden(model: ModelRef, backend, tolerance: Tolerance | None = None) -> tuple[int, float]:
     """Every golden case on an open backend at ``tolerance`` (default: that backend plugin's declared one;
-    a configured plugin may state its own, as ``chain.config(key).tolerance``);
-    FirmwareAppError names the first case that fails. Returns (cases, max difference)."""
+    a configured plugin may state its own, as ``chain.config(key).tolerance``), and the input gate's score
+    of each case's image; FirmwareAppError names the first case that fails. Returns (cases, max difference)."""
     if tolerance is None:
         plugin = backend_plugins().get(backend.key)
         tolerance = plugin().tolerance if plugin is not None else EXACT
     report = check_golden(model, backend, tolerance)
+    gate = InputGate.from_manifest(model.manifest)  # BadModel names a missing or broken gate file
+    if gate is not None:
+        for path in golden_cases(model.folder):
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    _check_gate(path.name, gate, npz)
+            except (OSError, ValueError, zipfile.BadZipFile) as exc:
+                raise FirmwareAppError(f"{path.name}: unreadable golden file ({exc})") from None
     return report.cases, report.max_diff
+
+
+def _check_gate(name: str, gate: InputGate, npz) -> None:
+    if "gate_score" not in npz.files:
+        raise FirmwareAppError(f"{name}: the model has an input gate but the case holds no gate_score")
+    want = float(npz["gate_score"])
+    got = gate.check(npz["gate_pixels"]).score
+    if not abs(got - want) <= GATE_RTOL * max(abs(want), 1e-6):
+        raise FirmwareAppError(
+            f"{name}: input gate score {got:.6g}, golden {want:.6g} (rtol {GATE_RTOL:g}): "
+            f"the gate file {gate.path.name if gate.path else ''} does not match its golden vectors"
+        )
 
 
 def selftest_model(

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
+import cv2
 import numpy as np
 import pytest
-from scanner_screens import Layout, ScannerScreen
+from scanner_screens import Layout, ScannerScreen, frames
 
+from firmware_app.sources import open_source
+from firmware_app.sources.profile import SourceProfile
 from firmware_app.sources.region_detect import (
     DetectorParams,
     RegionDetector,
     estimate_region,
     iou,
 )
+from firmware_app.sources.v4l2 import ReplayCapture, V4l2Source
 
 
 def run(detector: RegionDetector, screen: ScannerScreen, n: int, start: int = 0, **kw) -> RegionDetector:
@@ -137,3 +143,60 @@ def test_estimate_from_an_activity_map_is_a_pure_function():
     act[:] = 0
     act[2:4, 2:4] = 255  # a blinking cursor only
     assert estimate_region(act, 5, 1920, 1080).rect is None
+
+
+# -- wired into the sources ---------------------------------------------------------------------------
+def test_v4l2_source_crops_to_the_detected_region_and_logs_it_once(caplog):
+    screen = ScannerScreen(1280, 720, (0, Layout("phantom", (220, 60, 820, 640), seed=4)))
+    src = V4l2Source("v4l2:0", ReplayCapture(frames(screen, 90)))
+    src.open()
+    with caplog.at_level(logging.INFO, logger="firmware_app.sources.base"):
+        got = [src.read() for _ in range(90)]
+    src.close()
+    assert all(f.meta["region_from"] == "full_frame" and f.pixels.shape == (720, 1280, 3) for f in got[:59])
+    last = got[-1]
+    assert last.meta["region_from"] == "detected" and last.meta["mm_per_px"] is None
+    x, y, w, h = last.meta["imaging_region"]
+    assert_close((x, y, w, h), screen.truth(0), 6)
+    assert last.pixels.shape == (h, w, 3)
+    assert (last.pixels == screen.render(89)[y : y + h, x : x + w]).all()
+    lines = [r.getMessage() for r in caplog.records if "imaging region" in r.getMessage()]
+    assert len(lines) == 1 and "detected" in lines[0]
+
+
+def test_the_board_crop_wins_over_detection():
+    screen = ScannerScreen(1280, 720, (0, Layout("linear", (300, 90, 640, 560))))
+    board = SourceProfile(crop_rect=(10, 20, 300, 200))
+    src = V4l2Source("v4l2:0", ReplayCapture(frames(screen, 70)), profile=board)
+    src.open()
+    got = [src.read() for _ in range(70)]
+    assert src.region_detector is None and src.region is None
+    assert got[-1].meta["region_from"] == "board" and got[-1].meta["imaging_region"] == [10, 20, 300, 200]
+
+
+def test_video_file_source_detects_the_region_of_a_recording(tmp_path):
+    screen = ScannerScreen(1280, 720, (0, Layout("fan", (240, 70, 760, 620), seed=2)))
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (1280, 720))
+    for img in frames(screen, 75):
+        writer.write(img)
+    writer.release()
+    src = open_source(f"file:{path}?realtime=0")
+    got = []
+    while (f := src.read()) is not None:
+        got.append(f)
+    src.close()
+    assert len(got) == 75 and got[0].meta["region_from"] == "full_frame"
+    assert got[-1].meta["region_from"] == "detected"
+    # JPEG blocks straddling the edge of the image change too: up to one 8x8 block wider
+    assert_close(tuple(got[-1].meta["imaging_region"]), screen.truth(0), 10)
+
+
+def test_an_image_folder_keeps_the_full_frame(tmp_path):
+    screen = ScannerScreen(640, 480, (0, Layout("linear", (120, 60, 360, 380))))
+    for t in range(70):
+        cv2.imwrite(str(tmp_path / f"{t:03d}.png"), screen.render(t))
+    src = open_source(f"images:{tmp_path}")
+    got = [src.read() for _ in range(70)]
+    assert src.region_detector is None
+    assert got[-1].meta["region_from"] == "full_frame" and got[-1].pixels.shape == (480, 640, 3)

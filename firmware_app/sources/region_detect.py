@@ -24,7 +24,8 @@ Method (``RegionDetector.feed`` per frame, ``estimate_region`` per check):
    2 px of it that the opening took (a fan's acute corners). It is the image when its bounding box covers at least
    ``min_fraction`` of the frame and the component fills at least ``min_fill`` of that box (a fan fills
    about 0.6, a rectangle 1); else nothing is claimed ("unsure"). Its box, scaled back by ``s`` (block
-   edges: within about s/2 px of the true edge), is the estimate in full-frame pixels. A box of at least
+   edges: within about s/2 px of the true edge; a lossy recording's blocks that straddle the image's edge
+   change too, up to one 8x8 block more), is the estimate in full-frame pixels. A box of at least
    ``full_fraction`` of both sides means the whole frame moves (no chrome to cut, or pure noise): the
    region is then the full frame, and ``rect`` is None.
 

@@ -62,7 +62,7 @@ class DetectorParams:
     window: int = 30  # fed frames per activity window (1 s at 30 fps)
     span: int = 2  # windows an estimate looks back over
     every: int = 1  # feed every k-th offered frame
-    min_range: int = 12  # grey levels: a smaller temporal range is "static"
+    min_range: int = 4  # grey levels: a smaller temporal range is "static"
     noise_percentile: float = 10.0  # the range map's noise floor is read at this percentile...
     noise_factor: float = 3.0  # ...and the threshold is this many times it (at least min_range)
     max_threshold: int = 64  # grey levels: the noise floor never raises the threshold above this

@@ -200,3 +200,38 @@ def test_an_image_folder_keeps_the_full_frame(tmp_path):
     got = [src.read() for _ in range(70)]
     assert src.region_detector is None
     assert got[-1].meta["region_from"] == "full_frame" and got[-1].pixels.shape == (480, 640, 3)
+
+
+def test_the_pipeline_runs_through_the_switch_from_full_frames_to_the_detected_region(float_model_dir):
+    import time
+
+    from firmware_app.backends import BackendChoice
+    from firmware_app.backends.litert import LiteRTBackend
+    from firmware_app.display.screen import Screen
+    from firmware_app.display.sinks import open_display
+    from firmware_app.models.store import find_model
+    from firmware_app.pipeline import Pipeline
+
+    screen = ScannerScreen(640, 480, (0, Layout("linear", (120, 60, 360, 380), seed=5)))
+    src = V4l2Source("v4l2:0", ReplayCapture(frames(screen, 150)), reconnect_s=0.05)
+    model = find_model(str(float_model_dir))
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    p = Pipeline(
+        src,
+        model,
+        BackendChoice(LiteRTBackend(model.tflite, threads=1)),
+        Screen(320, 240),
+        [open_display("null", size=(320, 240))],
+        listeners=[lambda f, r: seen.append((f.meta["region_from"], f.pixels.shape))],
+    )
+    p.start()
+    try:
+        t0 = time.monotonic()
+        while not any(origin == "detected" for origin, _ in seen) and time.monotonic() - t0 < 10.0:
+            time.sleep(0.02)
+    finally:
+        p.close()
+    assert seen[0] == ("full_frame", (480, 640, 3))
+    x, y, w, h = src.region.rect
+    assert ("detected", (h, w, 3)) in seen  # analysed at the new size, no error on the way
+    assert p.counters.frames_rejected == 0

@@ -124,3 +124,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err) == 1 and "none.avi" in err[0] and "not found" in err[0]
     assert main(["source-check", "--source", "rtsp://cam", "--out", str(tmp_path)]) == 2
     assert main(["source-check", "--source", "synthetic:ultrasound", "--board", "no-such-board"]) == 2
+
+
+def test_the_png_blacks_out_what_the_board_blacks_out(sector_clip, tmp_path, capsys):
+    clip, _ = sector_clip
+    board = tmp_path / "board.toml"
+    board.write_text('name = "bench"\n[source]\nblackout = [[0, 0, 640, 40]]\n')  # the patient's name
+    args = [
+        "source-check",
+        "--source",
+        f"file:{clip}?realtime=0",
+        "--board",
+        str(board),
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    assert "from detected" in capsys.readouterr().out  # a blackout alone leaves the detection on
+    png = cv2.imread(str(tmp_path / "region.png"))
+    assert (png[2:24, 2:638] == 0).all()  # (the region's label may sit below row 24)

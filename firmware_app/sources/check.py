@@ -8,6 +8,9 @@ full frame with the region outlined and labelled. A source that does not look fo
 board crop, a DICOM file, a still) is also watched by a ``RegionDetector`` of its own, so an installer can
 compare the board's crop with what the stream shows (drawn in yellow when they differ).
 
+``region.png`` is the scanner's screen as captured, only the board's blackout rectangles blacked out: it
+may show a patient's name. Check a scanner on a phantom or a demo patient, and delete the file after.
+
 A source that stops delivering (a watched DICOM folder with no new files, an unplugged grabber) is
 stopped after ``idle_s`` without a frame.
 """
@@ -153,15 +156,16 @@ def _outline(img: np.ndarray, rect: tuple[int, int, int, int], colour, thick: in
 
 
 def render_check(check: SourceCheck) -> np.ndarray:
-    """The full frame with the region outlined in green and labelled; blackout rectangles in red; the
-    stream's own moving region in yellow where it differs from the region."""
+    """The full frame with the region outlined in green and labelled; blackout rectangles blacked out and
+    outlined in red; the stream's own moving region in yellow where it differs from the region."""
     img = check.last_frame
     img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img.copy()
     height, width = img.shape[:2]
     thick = max(2, round(max(width, height) / 500))
     scale = max(0.45, max(width, height) / 1800)
-    for rect in check.blackout:
-        _outline(img, rect, RED, max(1, thick // 2))
+    for x, y, w, h in check.blackout:  # blacked out here too, as the device does
+        img[max(y, 0) : y + h, max(x, 0) : x + w] = 0
+        _outline(img, (x, y, w, h), RED, max(1, thick // 2))
     det = check.detected
     shown = det is not None and iou(det, check.region.rect) < 0.98
     if shown:
@@ -200,5 +204,5 @@ def run_source_check(uri: str, board_ref: str | None, frames: int, out: str | Pa
     png = folder / "region.png"
     if not cv2.imwrite(str(png), render_check(check)):
         raise BadInput(f"{png}: cannot write the PNG here")
-    print(f"picture:     {png}")
+    print(f"picture:     {png} (the screen as captured: delete it if it shows a patient)")
     return 0

@@ -51,6 +51,16 @@ def test_sector_and_linear_images_are_found_within_a_few_pixels(size, layout, to
     assert_close(d.rect, screen.truth(0), tol)  # the clock, the cursor, the frame counter are not in it
 
 
+def test_noise_over_the_whole_screen_raises_the_threshold_with_it():
+    screen = ScannerScreen(1280, 720, (0, Layout("phantom", (220, 60, 820, 640), seed=4)))
+    rng = np.random.default_rng(1)
+    d = RegionDetector()
+    for t in range(60):  # an analogue grabber: the static chrome is noisy too
+        noisy = screen.render(t).astype(np.int16) + rng.normal(0, 4.0, (720, 1280, 1)).astype(np.int16)
+        d.feed(np.clip(noisy, 0, 255).astype(np.uint8))
+    assert_close(d.rect, screen.truth(0), 6)
+
+
 def test_nothing_is_claimed_before_enough_frames():
     screen = ScannerScreen(1280, 720, (0, Layout("fan", (240, 70, 760, 620))))
     d = run(RegionDetector(), screen, 59)

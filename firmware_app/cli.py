@@ -135,6 +135,15 @@ def make_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("rollback", help="return an installed model to its previous slot")
     _common(m, top=False)
     m.add_argument("id")
+
+    p = sub.add_parser(
+        "source-check", help="the imaging region found in a source, as a board-TOML crop + PNG"
+    )
+    _common(p, top=False)
+    p.add_argument("--source", required=True, help="source URI, e.g. v4l2:/dev/video0 or file:clip.mp4")
+    p.add_argument("--board", help="board name or TOML file: its [source] settings and crop (default: none)")
+    p.add_argument("--frames", type=_positive, default=90, help="frames to read (default 90)")
+    p.add_argument("--out", default="source-check", help="folder for region.png (default ./source-check)")
     return parser
 
 
@@ -189,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             from firmware_app.update.commands import cmd_audit_verify
 
             return max(cmd_audit_verify(args.data_dir), cmd_verify_records(args.data_dir))
+        if args.command == "source-check":
+            return cmd_source_check(args)
         if args.command == "export":
             from firmware_app.records.commands import cmd_export, cmd_export_feedback
 
@@ -305,3 +316,9 @@ def summary_line(stats: dict) -> str:
     if "dice" in stats:
         parts.append(f"Dice {stats['dice']:.3f}")
     return "; ".join(parts)
+
+
+def cmd_source_check(args: argparse.Namespace) -> int:
+    from firmware_app.sources.check import run_source_check
+
+    return run_source_check(args.source, args.board, args.frames, args.out)

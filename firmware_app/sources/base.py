@@ -12,9 +12,10 @@ pipeline calls ``read`` again later: the source reconnects itself) and BadFrame 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,7 +23,10 @@ import numpy as np
 from firmware_app.errors import BadFrame, BadSource
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.sources.region import Region
+from firmware_app.sources.region_detect import RegionDetector
 from firmware_app.types import Frame
+
+log = logging.getLogger(__name__)
 
 MIN_SIDE = 2  # a resize needs pixels to work with; real sources are far larger
 
@@ -51,6 +55,10 @@ class Source:
         # the imaging region this source found in its own picture (a detected or a file-stated one); the
         # board's crop overrides it, and without either the full frame is used
         self.region: Region | None = None
+        # a live or video source sets this (when the board has no crop): it finds ``region`` in the stream
+        self.region_detector: RegionDetector | None = None
+        # called with every full frame before it is cropped (``source-check`` draws the region on it)
+        self.raw_tap: Callable[[np.ndarray], None] | None = None
         # set by stop(): a read() that waits (a watched folder, a reconnect back-off) returns None soon after
         self.stopping = threading.Event()
 
@@ -77,6 +85,20 @@ class Source:
             if region is not None:
                 return region
         return Region.full(width, height)
+
+    def watch_region(self, pixels: np.ndarray) -> None:
+        """Feed one full frame to ``region_detector``; set ``region`` when it finds or changes one."""
+        detector = self.region_detector
+        if detector is None or self.profile.crop_rect is not None:  # the board's crop always wins
+            return
+        if not detector.feed(pixels):
+            return
+        rect = detector.rect
+        self.region = Region(rect, "detected") if rect is not None else None
+        if self.region is not None:
+            log.info("%s: imaging region %s", self.uri, self.region.describe())
+        else:
+            log.info("%s: imaging region: the full frame (%s)", self.uri, detector.status)
 
     def stop(self) -> None:
         """Ask a blocking read() to return None soon; called from another thread."""
@@ -114,11 +136,15 @@ class Source:
         capture time.
 
         The region is the board's crop when it has one, else ``region`` (what this item says of itself,
-        e.g. a DICOM file's ultrasound region), else ``self.region`` (found in the stream), else the
-        full frame; the frame's meta says which (``firmware_app.sources.region``).
+        e.g. a DICOM file's ultrasound region), else ``self.region`` (found in the stream by
+        ``region_detector``, which sees this frame first), else the full frame; the frame's meta says
+        which (``firmware_app.sources.region``).
         """
         t = time.monotonic_ns() if t_capture_ns is None else t_capture_ns
         check_pixels(pixels, self.uri)
+        if self.raw_tap is not None:
+            self.raw_tap(pixels)
+        self.watch_region(pixels)
         full_shape = pixels.shape
         region = self.imaging_region(int(full_shape[1]), int(full_shape[0]), region)
         try:

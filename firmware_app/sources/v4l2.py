@@ -4,15 +4,19 @@ Pixel format (MJPG or YUYV), size and fps come from the board config's [source].
 device raises SourceUnavailable (the screen shows NO SIGNAL) and every later read() tries to reconnect,
 at most once per ``reconnect_s``: the daemon never crashes for a loose cable.
 
+Without a board ``crop``, the imaging region is found in the stream (``region_detect``): frames are full
+frame until it is, then cut to it ("detected").
+
 The device sits behind a tiny capture interface (``open() -> bool``, ``read() -> (ok, frame)``,
-``release()``), the shape of ``cv2.VideoCapture``; ``MockCapture`` is its test double.
+``release()``), the shape of ``cv2.VideoCapture``; ``MockCapture`` and ``ReplayCapture`` are its test
+doubles.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -22,6 +26,7 @@ from firmware_app.errors import BadSource, SourceUnavailable
 from firmware_app.sources import register
 from firmware_app.sources.base import Source
 from firmware_app.sources.profile import SourceProfile
+from firmware_app.sources.region_detect import RegionDetector
 from firmware_app.types import Frame
 
 log = logging.getLogger(__name__)
@@ -89,6 +94,28 @@ class MockCapture:
         self.opened = False
 
 
+class ReplayCapture:
+    """Test double: replays recorded frames (a scanner's screen), in order; then reads fail (unplugged)."""
+
+    def __init__(self, frames: Sequence[np.ndarray], device: str = "replay") -> None:
+        self.frames, self.device = frames, device
+        self.opened = False
+        self.n = 0
+
+    def open(self) -> bool:
+        self.opened = self.n < len(self.frames)
+        return self.opened
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        if not self.opened or self.n >= len(self.frames):
+            return False, None
+        self.n += 1
+        return True, self.frames[self.n - 1]
+
+    def release(self) -> None:
+        self.opened = False
+
+
 @register("v4l2")
 class V4l2Source(Source):
     live = True
@@ -107,6 +134,8 @@ class V4l2Source(Source):
         self.clock = clock
         self._connected = False
         self._last_attempt: float | None = None
+        if self.profile.crop_rect is None:
+            self.region_detector = RegionDetector()
 
     @classmethod
     def from_uri(cls, uri, target, params, *, profile, options: dict[str, Any]) -> V4l2Source:

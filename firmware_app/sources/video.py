@@ -1,5 +1,9 @@
 """``file:PATH`` (a video, replayed at its native rate or with ``?realtime=0`` as fast as possible, every
-frame processed; ``?loop=1`` loops) and ``images:DIR`` (every image file of a folder, in name order)."""
+frame processed; ``?loop=1`` loops) and ``images:DIR`` (every image file of a folder, in name order).
+
+A video without a board ``crop`` has its imaging region found in the stream (``region_detect``): full
+frames until it is, then cut to it ("detected"). An image folder keeps the full frame (a still shows
+nothing moving)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from firmware_app.errors import BadFrame, BadSource
 from firmware_app.sources import register
 from firmware_app.sources.base import Source, int_param
 from firmware_app.sources.profile import SourceProfile
+from firmware_app.sources.region_detect import RegionDetector
 from firmware_app.types import Frame
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,8 @@ class VideoFileSource(Source):
         self._period = 0.0
         self._next_due = 0.0
         self._index = 0
+        if self.profile.crop_rect is None:
+            self.region_detector = RegionDetector()
 
     @classmethod
     def from_uri(cls, uri, target, params, *, profile, options: dict[str, Any]) -> VideoFileSource:

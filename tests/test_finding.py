@@ -191,3 +191,14 @@ def test_the_demo_confidence_is_a_finding_probability_not_a_constant(tmp_path):
     assert stats["dice"] >= 0.9 and stats["mismatched_overlays"] == 0
     assert {r.state for r in seen} <= {"finding", "no_finding", "unlike_training_data"}
     assert all(r.alert == (r.state == "finding") for r in seen)
+
+
+def test_a_frozen_live_picture_pauses_the_ai():
+    stage = FindingStage(manifest(persistence=[1, 1], release=1), live=True)
+    still = np.full((60, 80), 90, np.uint8)
+    verdicts = [stage.check_gate(Frame(i, int(i * 0.5e9), still, {})) for i in range(6)]  # 0 .. 2.5 s
+    assert [v is not None and v.flagged for v in verdicts] == [False, False, False, False, True, True]
+    r = stage(seg(5), frame(5), verdicts[-1])
+    assert r.state == "unlike_training_data" and r.paused == "frozen picture" and not r.alert
+    moving = stage.check_gate(Frame(6, int(3e9), np.full((60, 80), 30, np.uint8), {}))
+    assert moving is None  # it moves again: analysed again (no gate on this model)

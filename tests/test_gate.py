@@ -157,12 +157,12 @@ def test_a_manifest_without_gate_has_no_gate(tmp_path):
 @pytest.mark.parametrize(
     "change, needle",
     [
-        (("threshold = ", "bogus = 1\nthreshold = "), "unknown key [gate] 'bogus'"),
+        (("\nthreshold = ", "\nbogus = 1\nthreshold = "), "unknown key [gate] 'bogus'"),
         (('file = "gate.npz"', 'file = "missing.npz"'), "missing.npz"),
         (('file = "gate.npz"', 'file = "../gate.npz"'), "plain file name"),
         (('method = "descriptor-mahalanobis-v1"', 'method = "magic"'), "method 'magic'"),
         (("target_flag_rate = 0.01", "target_flag_rate = 1.5"), "target_flag_rate"),
-        (("threshold = ", "threshold = -1.0\n#"), "threshold"),
+        (("\nthreshold = ", "\nthreshold = -1.0\n#"), "threshold"),
         (('file = "gate.npz"\n', ""), "missing required key [gate] file"),
     ],
 )

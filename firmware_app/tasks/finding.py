@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # modalities without a depth from a transducer
 _PROJECTION = frozenset({"CR", "DX", "MG", "RG", "DR", "IO", "PX", "XA", "RF"})
 STATES = ("finding", "no_finding", "unlike_training_data", "ai_off")
+FROZEN_AFTER_S = 2.0  # a live picture unchanged this long is a frozen one
+FROZEN_REASON = "frozen picture"
 
 
 class Verdict(Protocol):  # firmware_app.gate.GateVerdict
@@ -72,15 +74,24 @@ class FindingStage:
         self.gate = gate
         self.live = live
         self._history: deque[bool] = deque(maxlen=self.rules.persist_n)
-        self._stream: Any = None
         self._on = False
+        self._frozen = None
+        if live:  # a live picture that stops changing (a frozen scanner, a stuck grabber) is not analysed
+            from firmware_app.gate import FrozenDetector
+
+            self._frozen = FrozenDetector(FROZEN_AFTER_S)
 
     def reset(self) -> None:
         self._history.clear()
         self._on = False
 
     def check_gate(self, frame: Frame) -> Verdict | None:
-        return None if self.gate is None else self.gate.check(frame.pixels)
+        """The gate's verdict on ``frame`` (None without a gate); a frozen live picture pauses the AI too."""
+        verdict = None if self.gate is None else self.gate.check(frame.pixels)
+        if self._frozen is not None and self._frozen.update(frame.pixels, frame.t_capture_ns):
+            if verdict is None or not verdict.flagged:
+                return Pause(FROZEN_REASON, *(() if verdict is None else (verdict.score, verdict.threshold)))
+        return verdict
 
     def __call__(self, result: Result, frame: Frame, verdict: Verdict | None = None) -> Result:
         """The task's ``result`` of ``frame`` -> the result as shown, sent and recorded."""

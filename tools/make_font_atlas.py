@@ -32,7 +32,7 @@ FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 COPYRIGHT = Path("/usr/share/doc/fonts-dejavu-core/copyright")
 FONTS = {"sans-bold": "DejaVuSans-Bold.ttf", "sans": "DejaVuSans.ttf"}
 # Printable ASCII plus the few symbols the screen uses (units, ellipsis, markers).
-EXTRA = "°±µ…×·•–—→←↑↓≤≥✓✗▲▼■●⚠"
+EXTRA = "°±µ²…×·•–—→←↑↓≤≥✓✗▲▼■●⚠"
 CHARSET = "".join(chr(c) for c in range(0x20, 0x7F)) + EXTRA
 ATLAS_WIDTH = 1024
 NO_LIGATURES = ["-liga", "-clig", "-dlig"]

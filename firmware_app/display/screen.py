@@ -162,7 +162,7 @@ class _Finding:
 
     mode: str  # "result" | "stale" | "paused" | "pending" | "none" | "off" | "silent"
     label: str | None = None
-    confidence: float | None = None
+    confidence: str | None = None  # as shown: "87%"
     alert: bool = False
     lines: tuple[str, ...] = ()
 
@@ -552,7 +552,7 @@ class Screen:
     def _draw_banners(self, state: ScreenState, stale: bool, paused: tuple[str, ...] | None = None) -> None:
         chips: list[tuple[str, Color]] = []
         if paused is not None and not (state.ai_off or state.silent_trial):
-            chips.append((f"AI PAUSED — {paused[0]}".upper(), AMBER))
+            chips.append((f"AI PAUSED — {_pause_text(paused[0])}".upper(), AMBER))
         if state.frozen:
             chips.append(("FROZEN", CHIP_INFO))
         if state.ai_off:
@@ -642,7 +642,7 @@ class Screen:
         if f.mode == "paused":
             self._text(v, "AI paused", 0, y, s.value, AMBER, max_width=w)
             y += int(s.value * 1.4)
-            reason = f.lines[0]
+            reason = _pause_text(f.lines[0])
             self._text(v, reason[:1].upper() + reason[1:], 0, y, s.body, TEXT, self._regular, max_width=w)
             y += self._regular.get(s.body).line_height
             self._text(v, "No finding is shown", 0, y, s.body, TEXT_2, self._regular, max_width=w)
@@ -683,7 +683,7 @@ class Screen:
             )
             y += self._bold.get(s.label).line_height
         if f.confidence is not None:
-            pct = _pct(f.confidence)
+            pct = f.confidence
             x0, _, x1, _ = self._text(v, pct, 0, y, s.value, main)
             base = y + self._bold.get(s.value).ascent
             if self._regular.measure("confidence", s.body)[0] <= w - x1 - s.gap:
@@ -759,10 +759,10 @@ def _pct(p: float) -> str:
     return f"{p * 100:.0f}%"
 
 
-def _shown_pct(confidence: float | None) -> float | None:
-    """The confidence as the screen shows it (whole percent): the finding section's cache key changes only
-    when what it shows does."""
-    return None if confidence is None else float(f"{confidence * 100:.0f}") / 100
+def _shown_pct(confidence: float | None) -> str | None:
+    """The confidence as the screen shows it: the finding section's cache key changes only when what it
+    shows does."""
+    return None if confidence is None else _pct(confidence)
 
 
 def _where(r: Result) -> tuple[str, ...]:
@@ -792,20 +792,25 @@ def _where(r: Result) -> tuple[str, ...]:
 
 
 _REGION_NAMES = {
-    "board": "board crop",
-    "dicom": "from DICOM",
-    "detected": "detected",
-    "full_frame": "full frame",
+    "board": "Board crop",
+    "dicom": "DICOM region",
+    "detected": "Detected region",
+    "full_frame": "Full frame",
 }
 
 
 def _region_line(frame: Frame | None) -> str | None:
-    """Where the imaging region came from, and the scale: "Region from DICOM · 0.26 mm/px"."""
+    """Where the imaging region came from, and the scale: "DICOM region · 0.26 mm/px"."""
     if frame is None or "region_from" not in frame.meta:
         return None
-    text = f"Region {_REGION_NAMES.get(frame.meta['region_from'], frame.meta['region_from'])}"
+    text = _REGION_NAMES.get(frame.meta["region_from"], str(frame.meta["region_from"]))
     mm = frame.meta.get("mm_per_px")
     return f"{text} · {mm[0]:.2f} mm/px" if mm else text
+
+
+def _pause_text(reason: str) -> str:
+    """The gate's reason as the screen says it: "image unlike training data", "frozen picture"."""
+    return f"image {reason}" if reason.startswith("unlike") else reason
 
 
 def _as_uint8_image(px: np.ndarray) -> np.ndarray:

@@ -144,6 +144,16 @@ class UltrasoundPhantom:
         self._init_world(rng)
         self._init_fluid(rng)
 
+    @property
+    def mm_per_px(self) -> float:
+        """The scale of the image: the probe's depth (cm) over the fan's radial extent (px)."""
+        return self.depth_cm * 10.0 / (self._r1 - self._r0)
+
+    @property
+    def face_y(self) -> float:
+        """The row of the transducer face on the centre line (depth 0)."""
+        return self._ay + self._r0
+
     # ---------------------------------------------------------------- setup (once per seed)
     def _init_geometry(self, rng: np.random.Generator) -> None:
         W, H = self.width, self.height

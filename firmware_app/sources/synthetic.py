@@ -19,6 +19,7 @@ from firmware_app.sources.base import Source, float_param, int_param
 from firmware_app.sources.lung_phantom import LungPhantom
 from firmware_app.sources.phantom import UltrasoundPhantom, XrayPhantom
 from firmware_app.sources.profile import SourceProfile
+from firmware_app.sources.region import Region
 from firmware_app.types import Frame
 
 KINDS = {"ultrasound": UltrasoundPhantom, "xray": XrayPhantom, "lung": LungPhantom}
@@ -49,6 +50,9 @@ class SyntheticSource(Source):
         self.cache = cache
         self._cached: list[tuple] = []
         self.phantom = KINDS[kind](width=width, height=height, seed=seed)
+        if hasattr(self.phantom, "mm_per_px"):  # the phantom knows its scale and where its probe is
+            mm = float(self.phantom.mm_per_px)
+            self.region = Region((0, 0, width, height), "full_frame", (mm, mm), float(self.phantom.face_y))
         self._t = 0
         self._next_due = 0.0
 

@@ -140,7 +140,8 @@ class FindingStage:
             meas: dict[str, tuple[float, str]] = {}
             if mm:
                 meas["area"] = (size[0], "mm2")
-                pts = np.concatenate([c.reshape(-1, 2) for c in result.contours]) if result.contours else None
+                # the extent of the largest region (two collections are not one 8 cm finding)
+                pts = max(result.contours, key=_contour_area).reshape(-1, 2) if result.contours else None
                 if pts is not None and len(pts):
                     meas["width"] = (float(np.ptp(pts[:, 0]) + 1) * mm[0], "mm")
                     meas["height"] = (float(np.ptp(pts[:, 1]) + 1) * mm[1], "mm")
@@ -172,6 +173,12 @@ class FindingStage:
         if mm2 is not None and self.rules.min_size_mm2 is not None:
             return mm2 >= self.rules.min_size_mm2
         return fraction >= self.rules.min_size_fraction
+
+
+def _contour_area(c: np.ndarray) -> float:
+    import cv2
+
+    return float(cv2.contourArea(c.reshape(-1, 1, 2).astype(np.int32)))
 
 
 def _box_size(b: Box, area_px: float, mm: tuple[float, float] | None) -> tuple[float, float | None]:

@@ -1,13 +1,11 @@
-"""The appliance: the pipeline plus everything around it on a device.
+"""The appliance: controls plus audit around the composed pipeline (``firmware_app.compose``).
 
-    boot check (roll back a crash-looping update) -> pipeline (source -> model -> screen)
-      + recorder (captures, disagree marks, studies)       + drift monitor (INPUT UNLIKE TRAINING DATA)
-      + buttons and lights (gpio)   + serial link           + staged-update pickup (USB stick)
-      + audit log with signed checkpoints                   + systemd notify and watchdog
+    boot check (roll back a crash-looping update) -> compose(): source -> inference -> presenter + sinks
+      + staged-update pickup (USB stick)   + audit log with signed checkpoints   + systemd ready/stopping
 
-``Daemon`` is also the ``Controls`` the buttons and the serial commands act on. Every piece but the
-pipeline is optional: a missing GPIO chip, serial port or writable data dir is announced on screen and in
-the log, and the box keeps showing images.
+``Daemon`` is the ``Controls`` the buttons and the serial commands act on, and writes what they did to the
+audit log. Every piece but the pipeline is optional: a missing GPIO chip, serial port or writable data dir
+is announced on screen and in the log, and the box keeps showing images.
 """
 
 from __future__ import annotations
@@ -16,15 +14,19 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from firmware_app.compose import Records, RunOptions, compose
 from firmware_app.config import BoardConfig
-from firmware_app.device.sdnotify import Notifier, Watchdog
+from firmware_app.device.devices import Devices
 from firmware_app.errors import FirmwareAppError
-from firmware_app.models.store import ModelRef, find_model
-from firmware_app.pipeline import Pipeline, build_pipeline
-from firmware_app.types import Frame, Result
+from firmware_app.models.store import find_model
+from firmware_app.pipeline import Pipeline
+from firmware_app.records.captures import Recorder
+from firmware_app.records.checkpoints import Checkpointer
+from firmware_app.sinks import InputMonitor, WatchdogSink
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,26 @@ def _data_dir_usable(data_dir: Path) -> str | None:
     return None
 
 
+def open_records(data_dir: Path, board: BoardConfig) -> Records:
+    """The audit log and the update boot check (roll back a crash-looping update), or why they are off."""
+    problem = _data_dir_usable(data_dir)
+    if problem is not None:
+        log.error("data dir %s: captures, updates and the audit log are off", problem)
+        return Records(data_dir, None, (f"Data dir {problem}: captures, updates and the audit log are off",))
+    from firmware_app.audit import AuditLog
+    from firmware_app.update.install import boot_check
+
+    try:
+        notices = tuple(boot_check(data_dir, board))
+    except (FirmwareAppError, OSError) as exc:
+        log.error("boot check failed: %s", exc)
+        notices = (f"Update boot check failed: {exc}",)
+    return Records(data_dir, AuditLog(data_dir), notices)
+
+
 class Daemon:
+    """The controls the buttons and serial commands act on, and the audit log of what they did."""
+
     def __init__(
         self,
         board: BoardConfig,
@@ -54,107 +75,27 @@ class Daemon:
         max_frames: int | None = None,
         capture_every: int = 0,
         silent_trial: bool | None = None,
-        notifier: Notifier | None = None,
-        pin_factory: Any = None,
-        serial_opener: Any = None,
-        accelerator: Any = None,
         results_path: str | Path | None = None,
+        devices: Devices | None = None,
+        **hardware: Any,  # one Devices field each (pin_factory=, notifier= ...): the rest stays real
     ) -> None:
-        if results_path is not None:
-            from firmware_app.records.results_stream import ResultsStream
-
-            ResultsStream.check_writable(results_path)  # before any work starts
-        self.board = board
-        self.data_dir = Path(data_dir)
+        self.board, self.data_dir = board, Path(data_dir)
+        self.devices = devices or replace(Devices.real(), **hardware)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        problem = _data_dir_usable(self.data_dir)
-        self.audit = None
-        boot_messages: list[str] = []
-        if problem is None:
-            from firmware_app.audit import AuditLog
-            from firmware_app.update.install import boot_check
-
-            self.audit = AuditLog(self.data_dir)
-            try:
-                boot_messages = boot_check(self.data_dir, board)
-            except (FirmwareAppError, OSError) as exc:
-                log.error("boot check failed: %s", exc)
-                boot_messages = [f"Update boot check failed: {exc}"]
+        records = open_records(self.data_dir, board)
+        self.audit = records.audit
+        run = RunOptions(source_uri, display_uris, max_frames, capture_every, silent_trial, results_path)
         model = find_model(model_ref or board.model["id"], self.data_dir)
-        self.pipeline: Pipeline = build_pipeline(
-            board,
-            model,
-            source_uri,
-            display_uris,
-            max_frames,
-            accelerator=accelerator,
-            engine_cache=str(self.data_dir / "engines") if problem is None else None,
-        )
-        p = self.pipeline
-        for message in boot_messages:
-            p.notify(message)
-        if problem is not None:
-            p.notify(f"Data dir {problem}: captures, updates and the audit log are off")
-            log.error("data dir %s: captures, updates and the audit log are off", problem)
+        self.pipeline: Pipeline = compose(board, model, run, self.devices, records, controls=self)
+        self.silent_trial = self.pipeline.silent_trial
+        self.recorder = self._sink(Recorder)
+        self.watchdog = self._sink(WatchdogSink).watchdog
+        self.notifier = self.watchdog.notifier
+        self.checkpointer = Checkpointer(self.data_dir, self.audit) if self.audit is not None else None
 
-        # systemd: ready once running, watchdog fed from the inference loop
-        self.notifier = notifier or Notifier()
-        self.watchdog = Watchdog(self.notifier)
-        p.heartbeat = self.watchdog.alive
-
-        # records: captures, disagree marks, studies; checkpoints of the audit log
-        self.recorder = None
-        self.checkpointer = None
-        if self.audit is not None:
-            from firmware_app.records.captures import Recorder
-            from firmware_app.records.checkpoints import Checkpointer
-
-            modality = "DX" if "xray" in (source_uri or board.source["uri"]) else None
-            self.recorder = Recorder(
-                self.data_dir, audit=self.audit, capture_every=capture_every, modality=modality
-            )
-            self.recorder.attach(p)
-            self.checkpointer = Checkpointer(self.data_dir, self.audit)
-        self.silent_trial = bool(board.pipeline["silent_trial"] if silent_trial is None else silent_trial)
-        p.silent_trial = self.silent_trial
-        if self.recorder is not None and self.silent_trial:
-            self.recorder.set_silent_trial(True)
-
-        # input drift against the model's reference statistics
-        self.drift = None
-        self._setup_drift(model)
-        p.listeners.append(self._on_result)
-
-        # the per-frame results stream for integrators (run --results FILE)
-        self.results = None
-        if results_path is not None:
-            from firmware_app.records.results_stream import ResultsStream
-
-            self.results = ResultsStream(results_path, self._describe)
-            p.listeners.append(self.results.on_result)
-
-        # buttons, lights and the serial link, when the board has them
-        self.panel = None
-        self.link = None
-        if board.gpio is not None:
-            from firmware_app.device.gpio import GpioPanel, GpioUnavailable
-
-            try:
-                self.panel = GpioPanel(board.gpio, self, pin_factory=pin_factory)
-                p.listeners.append(self.panel.on_result)
-            except GpioUnavailable as exc:
-                log.warning("%s", exc)
-                p.notify(str(exc))
-        if board.serial is not None:
-            from firmware_app.device.serial_link import SerialLink, SerialUnavailable
-
-            try:
-                self.link = SerialLink(board.serial, self, opener=serial_opener)
-                p.listeners.append(self.link.on_result)
-            except SerialUnavailable as exc:
-                log.warning("%s", exc)
-                p.notify(str(exc))
+    def _sink(self, kind: type) -> Any:
+        return next((s for s in self.pipeline.sinks if isinstance(s, kind)), None)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -172,20 +113,10 @@ class Daemon:
             self._audit("fault", what="backend fallback", detail=notice)
         if self.checkpointer is not None:
             self.checkpointer.start()
-        if self.recorder is not None:
-            self.recorder.start()
-        if self.results is not None:
-            self.results.start()
-        p.start()
-        if self.panel is not None:
-            self.panel.start()
-            self.panel.set_status("running")
-        if self.link is not None:
-            self.link.start()
+        p.start()  # its result sinks first (recorder, panel, serial link, watchdog ...), then its threads
         if self.audit is not None:
             self._spawn(self._update_worker, "updates")
         self.notifier.ready(f"{m.id} {m.version} on {p.choice.backend.name}")
-        self.watchdog.start()
 
     def _spawn(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=f"fwapp-{name}", daemon=True)
@@ -199,20 +130,10 @@ class Daemon:
 
     def close(self) -> None:
         self.notifier.stopping()
-        self.watchdog.stop()
         self._stop.set()
-        self.pipeline.close()
+        self.pipeline.close()  # its threads, then its result sinks
         for t in self._threads:
             t.join(2.0)
-        if self.link is not None:
-            self.link.stop()
-        if self.panel is not None:
-            self.panel.set_status("off")
-            self.panel.close()
-        if self.recorder is not None:
-            self.recorder.close()
-        if self.results is not None:
-            self.results.close()
         stats = self.pipeline.stats()
         self._audit(
             "stop",
@@ -254,27 +175,6 @@ class Daemon:
                 log.error("update pickup: %s", exc)
                 self.pipeline.notify(f"Update failed: {exc}")
 
-    def _setup_drift(self, model: ModelRef) -> None:
-        self.drift = None
-        self.pipeline.input_warning = None
-        reference = model.manifest.reference
-        if reference:
-            from firmware_app.records.drift import DriftMonitor
-
-            self.drift = DriftMonitor(
-                reference, window=30, every=2, audit=self.audit, model_id=model.manifest.id
-            )
-
-    def _on_result(self, frame: Frame, result: Result) -> None:
-        if self.drift is not None:
-            self.pipeline.input_warning = self.drift.update(frame)
-
-    def _describe(self) -> tuple[str, str, bool]:
-        """(model "id@version", backend, shown) for the results stream."""
-        p = self.pipeline
-        m = p.model.manifest
-        return f"{m.id}@{m.version}", p.choice.backend.name, not self.silent_trial
-
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is None:
             return
@@ -313,7 +213,9 @@ class Daemon:
     def switch_model(self, model_id: str) -> str:
         ref = find_model(model_id, self.data_dir)
         loaded = self.pipeline.switch_model(ref)
-        self._setup_drift(ref)
+        monitor = self._sink(InputMonitor)
+        if monitor is not None:
+            monitor.set_model(ref)
         self._audit("model_switch", model=ref.manifest.id, version=ref.manifest.version, origin=ref.origin)
         return loaded
 

@@ -68,27 +68,15 @@ def check_backends(board) -> list[Check]:
 
 
 def check_display(uri: str) -> Check:
-    fbs = sorted(glob.glob("/sys/class/graphics/fb*"))
-    if uri.startswith("fb:"):
-        dev = uri[3:]
-        name = Path(dev).name
-        sysfs = Path("/sys/class/graphics") / name
-        if not Path(dev).exists():
-            return Check(
-                "display", MISSING, f"{dev} not found (board display {uri}); the daemon runs headless"
-            )
-        try:
-            size = (sysfs / "virtual_size").read_text().strip()
-            bpp = (sysfs / "bits_per_pixel").read_text().strip()
-        except OSError as exc:
-            return Check("display", FAULT, f"{dev}: cannot read {sysfs} ({exc})")
-        if not os.access(dev, os.W_OK):
-            return Check(
-                "display", FAULT, f"{dev} ({size}, {bpp} bpp) is not writable: add the user to 'video'"
-            )
-        return Check("display", OK, f"{dev} {size} {bpp} bpp")
-    found = ", ".join(Path(f).name for f in fbs) or "no framebuffer"
-    return Check("display", OK, f"board display {uri} ({found} present)")
+    """What the board's display plugin finds of its device (``Display.check``)."""
+    from firmware_app.display.sinks import display_classes, parse_display_uri
+
+    try:
+        scheme, target, _ = parse_display_uri(uri)
+    except FirmwareAppError as exc:
+        return Check("display", FAULT, str(exc))
+    status, detail = display_classes()[scheme].check(uri, target)
+    return Check("display", {"ok": OK, "missing": MISSING}.get(status, FAULT), detail)
 
 
 def check_devices(name: str, patterns: list[str], hint: str) -> Check:

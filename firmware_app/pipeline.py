@@ -1,24 +1,27 @@
-"""The real-time pipeline: source -> preprocess -> backend -> task -> screen -> displays.
-
-Three threads, two slots:
+"""The scheduler: three threads and two slots carry frames from the source to the screen.
 
     capture ──(frame, its tensor)──▶ inference ──(frame, its result)──▶ presenter ──canvas──▶ displays
-    (source.read, preprocess)        (invoke, postprocess, listeners)   (Screen.render, at display fps)
+    (source.read, preprocess)        (InferenceStage: invoke, task,    (Presenter: Screen.render, at
+                                      finding rules; result sinks)      the display's rate)
 
 - A live source (camera, paced phantom) feeds a *lossy* slot: inference always takes the newest frame and
   never works through a backlog; overwritten frames are counted as dropped. A finite source (DICOM file,
   image folder, video replayed as fast as possible) is read READ_AHEAD frames ahead, losslessly: every
   frame is processed. The capture thread pre-processes the next frame while the model runs.
-- Every result goes to the listeners (recorder, alerts, serial) on the inference thread; the screen
-  takes the newest result each time it can show one and sleeps in between.
+- Every result goes to the result sinks (recorder, GPIO panel, serial link, input monitor, results stream)
+  on the inference thread; the screen takes the newest result each time it can show one and sleeps in
+  between.
 - A result travels together with the frame it was computed from, so the presenter can only draw a result
   on its own frame. When no result has come for ``stale_after_ms`` while newer raw frames arrive (a slow
   model, AI switched off), the presenter shows the live frame marked "AI PENDING" with the last finding
   greyed as STALE, never another frame's overlay.
 - Every stage stamps its time; ``stats()`` gives rolling p50/p99 per stage and end to end (capture -> shown),
   in wall time (``stages_ms``) and in CPU time of the thread doing it (``cpu_ms``).
+- Notices arrive as typed events (``firmware_app.events``), not attribute writes.
 
-``build_pipeline`` assembles it from a board config; reading it tells the whole data flow.
+What it runs is decided elsewhere: ``firmware_app.inference`` (the model and what serves it),
+``firmware_app.presenter`` (what the screen shows), ``firmware_app.compose`` (how a board's config becomes
+one of these).
 """
 
 from __future__ import annotations
@@ -29,32 +32,25 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from firmware_app.backends import BackendChain, BackendChoice
-from firmware_app.config import BoardConfig
-from firmware_app.display.screen import Screen, ScreenState
-from firmware_app.display.sinks import Display, open_display
-from firmware_app.errors import BadDisplay, BadFrame, SourceUnavailable
+from firmware_app.display.screen import Screen
+from firmware_app.display.sinks import Display
+from firmware_app.errors import BadFrame, SourceUnavailable
+from firmware_app.events import InputWarning, Notice
+from firmware_app.inference import InferenceStage, Prepared
 from firmware_app.models.store import ModelRef
-from firmware_app.preprocess import Preprocessor
-from firmware_app.sources import open_source
+from firmware_app.presenter import Presenter
 from firmware_app.sources.base import Source
-from firmware_app.stats import RateMeter, RollingTimes, upscaled_dice
-from firmware_app.tasks import make_postprocessor
-from firmware_app.tasks.finding import FindingStage, load_gate
+from firmware_app.stats import RollingTimes, upscaled_dice
 from firmware_app.types import Frame, Result
 
 log = logging.getLogger(__name__)
 
 _END = object()  # end of stream marker passed down the slots
 MESSAGE_SECONDS = 15.0
-NO_SIGNAL_REFRESH_S = 0.5
 HEARTBEAT_S = 0.5  # the inference loop wakes at least this often, frames or not
-CPU_BACKEND = "litert-cpu"
-ACCEL_RETRY_S = 5.0  # how often a failed accelerator is tried again
-READOUT_S = 0.5  # the screen's frame rate and latency readout is refreshed this often
 READ_AHEAD = 4  # frames a finite source (file, DICOM, unpaced phantom) is read ahead of inference
 
 
@@ -114,17 +110,6 @@ class Slot:
             self._cv.notify_all()
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A frame's input tensor, made on the capture thread by ``preprocess`` in ``ns`` nanoseconds
-    (``cpu_ns`` of them on the CPU)."""
-
-    preprocess: Preprocessor
-    tensor: Any
-    ns: int
-    cpu_ns: int
-
-
 @dataclass
 class Counters:
     frames_in: int = 0
@@ -149,65 +134,107 @@ class PipelineOptions:
     score_truth: bool = True
 
 
-@dataclass
 class Pipeline:
-    source: Source
-    model: ModelRef
-    choice: BackendChoice
-    screen: Screen
-    displays: list[Display]
-    options: PipelineOptions = field(default_factory=PipelineOptions)
-    # called with (frame, result) for each result, on the inference thread (recorder, alerts, serial ...)
-    listeners: list[Callable[[Frame, Result], None]] = field(default_factory=list)
-    # the backend chain (order, configs, devices, engine cache) used again when the model is switched at run
-    # time, when an accelerator fails mid-run and when it is retried
-    chain: BackendChain = field(default_factory=BackendChain)
-    # called from the inference loop at least every HEARTBEAT_S while it runs (a hung model stops the calls)
-    heartbeat: Callable[[], None] | None = None
-
-    def __post_init__(self) -> None:
-        m = self.model.manifest
-        backend = self.choice.backend
-        self.preprocess = Preprocessor(m, backend.input)
-        self.postprocess = make_postprocessor(m, backend.outputs)
-        self.finding = FindingStage(m, load_gate(m), live=self.source.live)
-        self.threshold = m.alert
-        self.ai_enabled = True
+    def __init__(
+        self,
+        source: Source,
+        model: ModelRef,
+        choice: BackendChoice,
+        screen: Screen,
+        displays: list[Display],
+        options: PipelineOptions | None = None,
+        listeners: list[Callable[[Frame, Result], None]] | None = None,
+        chain: BackendChain | None = None,
+        heartbeat: Callable[[], None] | None = None,
+        sinks: list[Any] | None = None,
+        silent_trial: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``model`` on ``choice`` (opened from ``chain``, used again for a model switch, a fall-back and its
+        retry); ``listeners`` and ``sinks`` (firmware_app.sinks.ResultSink: started before the threads,
+        closed after them) get every result on the inference thread; ``heartbeat`` is called from the
+        inference loop at least every HEARTBEAT_S while it runs (a hung model stops the calls)."""
+        self.source = source
+        self.screen = screen
+        self.displays = displays
+        self.options = options or PipelineOptions()
+        self.listeners = listeners if listeners is not None else []
+        self.chain = chain or BackendChain()
+        self.heartbeat = heartbeat
+        self.sinks = sinks if sinks is not None else []
+        self.silent_trial = silent_trial  # results are computed and recorded, the screen shows only the image
+        self.clock = clock
         self.times = RollingTimes(self.options.stats_window)  # wall clock per stage (and end to end)
         self.cpu_times = RollingTimes(self.options.stats_window)  # CPU time of the thread doing the stage
         self.counters = Counters()
         self._lock = threading.Lock()
         self._messages: deque[tuple[float, str]] = deque(maxlen=8)
-        for notice in self.choice.notices:
+        self.stopped = threading.Event()
+        self._done = threading.Event()
+        self._frozen = threading.Event()
+        self.ai_enabled = True
+        self.input_warning: str | None = None  # from an InputWarning event (the drift monitor)
+        self.inference = InferenceStage(
+            model,
+            self.chain,
+            choice,
+            live=self.source.live,
+            times=self.times,
+            cpu_times=self.cpu_times,
+            notify=self.notify,
+            on_error=self.count_error,
+            stopped=self.stopped,
+        )
+        self.presenter = Presenter(self.screen, self.displays)
+        self.presenter.bind(self)
+        for notice in choice.notices:
             self.notify(notice)
         # a finite source is read ahead a few frames (every frame is analysed); a live one keeps the newest.
         # Results are always "newest wins": the screen shows at most display_fps of them, and every result
-        # has already gone to the listeners (recorder, alerts, serial) on the inference thread.
+        # has already gone to the sinks on the inference thread.
         lossless = not self.source.live
         self._raw = Slot(lossless, depth=READ_AHEAD if lossless else 1)
         self._results = Slot(lossless=False)
-        self._latest_raw: Frame | None = None
-        self._last_shown: tuple[Frame | None, Result | None, Result | None] | None = None
+        self.latest_raw: Frame | None = None
         self._no_signal_since: float | None = None
-        self._stop = threading.Event()
-        self._done = threading.Event()
-        self._frozen = threading.Event()
-        self.silent_trial = False  # results are computed and recorded, the screen shows only the image
-        self.input_warning: str | None = None  # set by the drift monitor
-        self._pending_model: tuple | None = None
-        self._retry_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
-        self._shown_rate = RateMeter()
-        self._readout: tuple[float, float | None, float | None] = (-READOUT_S, None, None)  # (t, fps, ms)
         self.t_start_ns = time.monotonic_ns()
-        self.t_first_result_shown_ns: int | None = None
+        for sink in self.sinks:
+            bind = getattr(sink, "bind", None)
+            if bind is not None:
+                bind(self)
+
+    # -- what the inference stage holds (read by controls, status, tests) ----------------------------
+    model = property(lambda self: self.inference.model)
+    choice = property(lambda self: self.inference.choice)
+    preprocess = property(lambda self: self.inference.preprocess)
+    postprocess = property(lambda self: self.inference.postprocess)
+    finding = property(lambda self: self.inference.finding)
+    threshold = property(lambda self: self.inference.threshold)
+
+    @property
+    def t_first_result_shown_ns(self) -> int | None:
+        return self.presenter.t_first_result_shown_ns
+
+    def infer(self, frame: Frame, prepared: Prepared | None = None) -> Result:
+        return self.inference.infer(frame, prepared)
+
+    def decide(self, result: Result, frame: Frame) -> Result:
+        return self.inference.decide(result, frame)
+
+    # -- events --------------------------------------------------------------------------------------
+    def publish(self, event: Any) -> None:
+        """A typed event for the screen: a Notice (a one-line message) or an InputWarning (on or off)."""
+        if isinstance(event, InputWarning):
+            self.input_warning = event.text
+        elif isinstance(event, Notice):
+            self.notify(event.message)
+        else:
+            raise TypeError(f"not a pipeline event: {event!r}")
 
     # -- controls (buttons, serial commands) ---------------------------------------------------------
     def set_threshold(self, value: float) -> float:
-        """A clinician's threshold, kept within the manifest's bounds; returns what is in force."""
-        self.threshold = self.model.manifest.clamp_threshold(value)
-        log.info("alert threshold set to %.2f", self.threshold)
-        return self.threshold
+        return self.inference.set_threshold(value)
 
     @property
     def frozen(self) -> bool:
@@ -225,41 +252,7 @@ class Pipeline:
         log.info("AI %s", "on" if self.ai_enabled else "off")
 
     def switch_model(self, model: ModelRef) -> str:
-        """Load ``model`` on the same backend chain and swap it in between two frames.
-
-        The new model is fully loaded before the swap; if it fails to load, the old one keeps running.
-        """
-        self._queue_swap(model, self._open_backend(model))
-        m = model.manifest
-        self.notify(f"Model {m.id} {m.version} loaded")
-        return f"{m.id} {m.version}"
-
-    def _open_backend(self, model: ModelRef, order: list[str] | None = None) -> BackendChoice:
-        """The backend chain of this pipeline (configs, devices, threads, engine cache) for ``model``."""
-        return self.chain.open(model, order)
-
-    def _queue_swap(self, model: ModelRef, choice: BackendChoice) -> None:
-        """Prepare model + backend + pre/post-processing; the inference loop swaps them in between frames."""
-        pre = Preprocessor(model.manifest, choice.backend.input)
-        post = make_postprocessor(model.manifest, choice.backend.outputs)
-        if model.manifest is self.model.manifest:  # the same model on another backend: same gate, history
-            stage = self.finding
-        else:
-            stage = FindingStage(model.manifest, load_gate(model.manifest), live=self.source.live)
-        with self._lock:
-            self._pending_model = (model, choice, pre, post, stage)
-
-    def _apply_pending_model(self) -> None:
-        with self._lock:
-            pending, self._pending_model = self._pending_model, None
-        if pending is None:
-            return
-        old = self.choice.backend
-        same_model = pending[0].manifest.id == self.model.manifest.id
-        self.model, self.choice, self.preprocess, self.postprocess, self.finding = pending
-        m = self.model.manifest
-        self.threshold = m.clamp_threshold(self.threshold) if same_model else m.alert
-        old.close()
+        return self.inference.switch_model(model)
 
     def status(self) -> dict[str, Any]:
         m = self.model.manifest
@@ -268,7 +261,7 @@ class Pipeline:
             "model": m.id,
             "version": m.version,
             "backend": self.choice.backend.name,
-            "fps": round(self._shown_rate.rate() or 0.0, 1),
+            "fps": round(self.presenter.shown_rate.rate() or 0.0, 1),
             "frozen": self.frozen,
             "ai": self.ai_enabled,
             "threshold": self.threshold,
@@ -280,17 +273,27 @@ class Pipeline:
     def notify(self, message: str) -> None:
         """A one-line notice for the screen (and the log, by the caller)."""
         with self._lock:
-            self._messages.appendleft((time.monotonic(), message))
+            self._messages.appendleft((self.clock(), message))
 
     def messages(self) -> tuple[str, ...]:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             return tuple(m for t, m in self._messages if now - t < MESSAGE_SECONDS)
 
+    def count_error(self) -> None:
+        with self._lock:
+            self.counters.errors += 1
+
+    def count_shown(self) -> None:
+        with self._lock:
+            self.counters.frames_shown += 1
+
+    # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
+        for sink in self.sinks:
+            sink.start()
         self.source.open()
-        for d in self.displays:
-            d.open()
+        self.presenter.open()
         for target, name in (
             (self._capture_loop, "capture"),
             (self._inference_loop, "inference"),
@@ -306,15 +309,14 @@ class Pipeline:
                 target()
             except Exception:  # a bug in a stage must not leave the other threads waiting forever
                 log.exception("pipeline thread %s failed", threading.current_thread().name)
-                with self._lock:
-                    self.counters.errors += 1
+                self.count_error()
                 self.stop()
 
         return run
 
     def stop(self) -> None:
         """Ask every thread to finish (safe from a signal handler or any thread)."""
-        self._stop.set()
+        self.stopped.set()
         self.source.stop()
         self._raw.close()
         self._results.close()
@@ -329,12 +331,13 @@ class Pipeline:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.source.close()
-        for d in self.displays:
+        self.presenter.close()
+        self.inference.close()
+        for sink in reversed(self.sinks):
             try:
-                d.close()
-            except Exception as exc:  # noqa: BLE001 - a display failing at close must not lose the stats
-                log.error("closing display: %s", exc)
-        self.choice.backend.close()
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 - one sink failing at close must not lose the others
+                log.error("closing %s: %s", type(sink).__name__, exc)
 
     def run(self) -> dict[str, Any]:
         """Start, wait for the end, close; returns stats()."""
@@ -347,12 +350,12 @@ class Pipeline:
 
     # -- capture -----------------------------------------------------------------------------------
     def _capture_loop(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopped.is_set():
             try:
                 frame = self.source.read()
             except SourceUnavailable as exc:
                 if self._no_signal_since is None:
-                    self._no_signal_since = time.monotonic()
+                    self._no_signal_since = self.clock()
                     log.warning("%s", exc)
                     self.notify(str(exc))
                 continue
@@ -368,147 +371,56 @@ class Pipeline:
             self._no_signal_since = None
             with self._lock:
                 self.counters.frames_in += 1
-            self._latest_raw = frame
+            self.latest_raw = frame
             self._raw.put((frame, self._prepare(frame)))
         self._raw.put(_END)
 
     def _prepare(self, frame: Frame) -> Prepared | None:
-        """Pre-process on the capture thread, overlapped with the inference of the previous frame.
-
-        Tagged with the preprocessor used: after a model swap or a fall-back to the CPU the inference
-        thread does it again for the new input tensor. A frame that cannot be pre-processed is left to the
-        inference thread, which reports it like any failed frame. A live frame replaced by a newer one
-        before inference takes it was pre-processed for nothing: with a camera faster than the model that
-        costs one pre-processing per dropped frame (``frames_dropped``).
-        """
+        """Pre-processed on the capture thread (``InferenceStage.prepare``) unless frozen or AI off. A live
+        frame replaced by a newer one before inference takes it was pre-processed for nothing: with a
+        camera faster than the model that costs one pre-processing per dropped frame (``frames_dropped``)."""
         if self.frozen or not self.ai_enabled:
             return None
-        pre = self.preprocess
-        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
-        try:
-            tensor = pre(frame.pixels, out=pre.new_buffer())
-        except Exception:  # noqa: BLE001 - reported by the inference thread, which tries again
-            return None
-        return Prepared(pre, tensor, time.monotonic_ns() - t0, time.thread_time_ns() - c0)
+        return self.inference.prepare(frame)
 
     def no_signal(self) -> bool:
         since = self._no_signal_since
-        return since is not None and (time.monotonic() - since) * 1000 >= self.options.no_signal_after_ms
+        return since is not None and (self.clock() - since) * 1000 >= self.options.no_signal_after_ms
 
     # -- inference ---------------------------------------------------------------------------------
-    def infer(self, frame: Frame, prepared: Prepared | None = None) -> Result:
-        """preprocess (unless ``prepared`` by the capture thread) -> invoke -> postprocess, each stage timed."""
-        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
-        if prepared is not None and prepared.preprocess is self.preprocess:
-            tensor, t1, pre_ns, pre_cpu = prepared.tensor, t0, prepared.ns, prepared.cpu_ns
-        else:
-            tensor = self.preprocess(frame.pixels)
-            t1 = time.monotonic_ns()
-            pre_ns, pre_cpu = t1 - t0, time.thread_time_ns() - c0
-        try:
-            raw = self.choice.backend.invoke(tensor)
-        except Exception as exc:  # noqa: BLE001 - an accelerator pulled out mid-run
-            if self.choice.backend.name == CPU_BACKEND:
-                raise
-            self._fall_back_to_cpu(exc)
-            tensor = self.preprocess(frame.pixels)
-            raw = self.choice.backend.invoke(tensor)  # the same frame, on the CPU
-        t2, c2 = time.monotonic_ns(), time.thread_time_ns()
-        result = self.postprocess(raw, frame.id, (frame.width, frame.height), self.threshold)
-        t3, c3 = time.monotonic_ns(), time.thread_time_ns()
-        self.times.add_ns("queue", frame.t_capture_ns, t0)
-        self.times.add_ns("preprocess", 0, pre_ns)
-        self.times.add_ns("invoke", t1, t2)
-        self.times.add_ns("postprocess", t2, t3)
-        self.cpu_times.add_ns("preprocess", 0, pre_cpu)
-        self.cpu_times.add_ns("postprocess", c2, c3)
-        return result
-
-    def _tell_listeners(self, frame: Frame, result: Result) -> None:
-        for listener in self.listeners:
+    def _tell(self, frame: Frame, result: Result) -> None:
+        for on_result in [*self.listeners, *(s.on_result for s in self.sinks)]:
             try:
-                listener(frame, result)
+                on_result(frame, result)
             except Exception:  # noqa: BLE001
-                log.exception("result listener %r failed", listener)
-
-    def decide(self, result: Result, frame: Frame) -> Result:
-        """The input gate and the finding rules (size, persistence): what ``result`` is (tasks.finding)."""
-        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
-        verdict = self.finding.check_gate(frame)
-        out = self.finding(result, frame, verdict)
-        self.times.add_ns("gate", t0, time.monotonic_ns())
-        self.cpu_times.add_ns("gate", c0, time.thread_time_ns())
-        return out
-
-    def _fall_back_to_cpu(self, exc: Exception) -> None:
-        """The accelerator failed mid-run: continue on the next backend of the chain (the CPU) now, retry the
-        accelerator in the background."""
-        failed = self.choice.backend
-        choice = self.chain.fall_back(self.model, failed, exc)
-        notice = f"{'; '.join(choice.notices)}; retrying every {ACCEL_RETRY_S:g} s"
-        log.error("%s", notice)
-        cpu = choice.backend
-        self.choice = BackendChoice(cpu, [notice])
-        self.preprocess = Preprocessor(self.model.manifest, cpu.input)
-        self.postprocess = make_postprocessor(self.model.manifest, cpu.outputs)
-        self.notify(notice)
-        with self._lock:
-            self.counters.errors += 1
-        try:
-            failed.close()
-        except Exception:  # noqa: BLE001 - it is already broken
-            pass
-        if self._retry_thread is None or not self._retry_thread.is_alive():
-            self._retry_thread = threading.Thread(
-                target=self._retry_accelerator,
-                args=(failed.key or failed.name,),
-                name="fwapp-accel-retry",
-                daemon=True,
-            )
-            self._retry_thread.start()
-
-    def _retry_accelerator(self, name: str) -> None:
-        """Until stopped: try to reopen the accelerator; when it works, swap it in between two frames."""
-        while not self._stop.wait(ACCEL_RETRY_S):
-            if self.choice.backend.name != CPU_BACKEND:
-                return
-            try:
-                choice = self._open_backend(self.model, [name])
-            except Exception as exc:  # noqa: BLE001
-                log.info("%s still unavailable: %s", name, exc)
-                continue
-            self._queue_swap(self.model, choice)
-            self.notify(f"{name} is back: running on it again")
-            log.warning("%s is back", name)
-            return
+                log.exception("result sink %r failed", on_result)
 
     def _inference_loop(self) -> None:
         max_frames = self.options.max_frames
+        stage = self.inference
         while True:
             item = self._raw.get(timeout=HEARTBEAT_S)
             if self.heartbeat is not None:
                 self.heartbeat()  # the loop is alive (the systemd watchdog is fed from here), even with no frames
-            if item is _END or self._stop.is_set():
+            if item is _END or self.stopped.is_set():
                 break
             if item is None:
                 continue
             frame, prepared = item
             if self.frozen:
                 continue  # the screen holds the frozen image; live frames are not inferred meanwhile
-            self._apply_pending_model()
+            stage.apply_pending()
             if not self.ai_enabled:
-                off = Result(frame.id, self.model.manifest.task, None, None, state="ai_off")
-                self._tell_listeners(frame, off)
+                self._tell(frame, Result(frame.id, stage.model.manifest.task, None, None, state="ai_off"))
                 self._results.put((frame, None))
                 continue
             try:
-                task_result = self.infer(frame, prepared)
-                result = self.decide(task_result, frame)
+                task_result = stage.infer(frame, prepared)
+                result = stage.decide(task_result, frame)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the device
                 log.exception("inference failed on frame %d", frame.id)
                 self.notify(f"Inference failed on frame {frame.id}: {exc}")
-                with self._lock:
-                    self.counters.errors += 1
+                self.count_error()
                 continue
             with self._lock:
                 self.counters.frames_inferred += 1
@@ -518,7 +430,7 @@ class Pipeline:
                 if self.options.score_truth and frame.truth is not None and task_result.mask is not None:
                     self.counters.dice_sum += upscaled_dice(task_result.mask, frame.truth)
                     self.counters.dice_n += 1
-            self._tell_listeners(frame, result)
+            self._tell(frame, result)
             self._results.put((frame, result))
             if max_frames is not None and n >= max_frames:
                 self.source.stop()
@@ -526,122 +438,8 @@ class Pipeline:
         self._results.put(_END)
 
     # -- presentation ------------------------------------------------------------------------------
-    def _state(
-        self, frame: Frame | None, result: Result | None, stale: Result | None, pending: bool
-    ) -> ScreenState:
-        m = self.model.manifest
-        now = time.monotonic()
-        if now - self._readout[0] >= READOUT_S:  # a readout that changes twice a second can be read
-            e2e = self.times.percentiles("e2e")
-            self._readout = (now, self._shown_rate.rate(), e2e["p50"] if e2e else None)
-        _, fps, latency = self._readout
-        return ScreenState(
-            frame=frame,
-            result=result,
-            stale_result=stale,
-            no_signal=self.no_signal(),
-            ai_pending=pending and self.ai_enabled,
-            ai_off=not self.ai_enabled,
-            not_for_diagnostic=not m.cleared_for_clinical_use,
-            fallback_notice=self.choice.notices[0] if self.choice.notices else None,
-            model_id=m.id,
-            model_version=m.version,
-            backend=self.choice.backend.name,
-            task=m.task,
-            fps=fps,
-            latency_ms=latency,
-            threshold=self.threshold,
-            messages=self.messages(),
-            frozen=self.frozen,
-            silent_trial=self.silent_trial,
-            input_warning=self.input_warning,
-            gate_installed=self.finding.gate is not None,
-        )
-
-    def _show_item(self, item: tuple[Frame, Result | None]) -> None:
-        """A frame with its own result (or alone, with AI off)."""
-        frame, result = item
-        self._show(self._state(frame, result, None, False), frame)
-
-    def _show(self, state: ScreenState, frame: Frame | None) -> None:
-        self._last_shown = (frame, state.result, state.stale_result)
-        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
-        canvas = self.screen.render(state)
-        t1, c1 = time.monotonic_ns(), time.thread_time_ns()
-        for d in list(self.displays):
-            try:
-                d.show(canvas)
-            except Exception as exc:  # noqa: BLE001 - a broken display must not stop inference
-                self.displays.remove(d)
-                msg = f"Display {d.uri} failed ({exc}); it is no longer used"
-                log.error("%s", msg)
-                self.notify(msg)
-                with self._lock:
-                    self.counters.errors += 1
-        t2 = time.monotonic_ns()
-        self.times.add_ns("render", t0, t1)
-        self.times.add_ns("display", t1, t2)
-        self.cpu_times.add_ns("render", c0, c1)
-        self.cpu_times.add_ns("display", c1, time.thread_time_ns())
-        self._shown_rate.tick(t2)
-        with self._lock:
-            self.counters.frames_shown += 1
-        if frame is not None:
-            self.times.add_ns("e2e", frame.t_capture_ns, t2)
-        if state.result is not None and self.t_first_result_shown_ns is None:
-            self.t_first_result_shown_ns = t2
-
     def _present_loop(self) -> None:
-        """Show each result on its own frame, at most at the display's refresh rate.
-
-        After a picture, this thread sleeps until the screen can take the next one; results that arrive
-        meanwhile replace each other in the slot without waking it (counted in results_not_shown): the
-        screen cannot show more, and rendering or even waking up for what nobody sees would take CPU from
-        the model. A finite run's last result is always shown.
-        """
-        stale_s = self.options.stale_after_ms / 1000.0
-        period = 1.0 / max(self.options.display_fps, 1.0)
-        min_gap = 0.8 * period  # absorbs the jitter of a source running at the display's rate
-        last_result: Result | None = None
-        last_result_t = time.monotonic()
-        last_show_t = -min_gap
-        last_shown_id = -1
-        last_idle_show = 0.0  # when the NO SIGNAL screen was last refreshed
-        shown_frozen = False
-        while True:
-            rest = last_show_t + min_gap - time.monotonic()
-            if rest > 0:
-                self._stop.wait(rest)
-            item = self._results.get(timeout=period)
-            if item is _END:
-                break
-            now = time.monotonic()
-            if self.frozen:
-                if not shown_frozen and self._last_shown is not None:  # the same picture, marked FROZEN
-                    frame, result, stale = self._last_shown
-                    self._show(self._state(frame, result, stale, False), None)
-                    shown_frozen = True
-                continue
-            if shown_frozen:
-                shown_frozen = False
-                last_result_t = now  # the model needs a moment after unfreezing: not "pending" yet
-            if item is not None:
-                if item[1] is not None:
-                    last_result, last_result_t = item[1], now
-                self._show_item(item)
-                last_shown_id, last_show_t = item[0].id, now
-                continue
-            if self._stop.is_set():
-                break
-            # nothing new from inference in this period
-            raw = self._latest_raw
-            if self.no_signal():
-                if now - last_idle_show >= NO_SIGNAL_REFRESH_S:
-                    self._show(self._state(None, None, last_result, False), None)
-                    last_idle_show = now
-            elif raw is not None and raw.id > last_shown_id and now - last_result_t >= stale_s:
-                self._show(self._state(raw, None, last_result, True), raw)
-                last_shown_id = raw.id
+        self.presenter.run(self._results, _END)
         self._done.set()
 
     # -- figures -----------------------------------------------------------------------------------
@@ -666,7 +464,7 @@ class Pipeline:
             "backend": self.choice.backend.name,
             "threads": self.choice.backend.threads,
             "source": self.source.uri,
-            "fps": round(self._shown_rate.rate() or 0.0, 2),
+            "fps": round(self.presenter.shown_rate.rate() or 0.0, 2),
             "notices": list(self.choice.notices),
         }
         if self.t_first_result_shown_ns is not None:
@@ -678,7 +476,7 @@ class Pipeline:
 
 
 def build_pipeline(
-    board: BoardConfig,
+    board: Any,
     model: ModelRef,
     source_uri: str | None = None,
     display_uris: list[str] | None = None,
@@ -686,49 +484,9 @@ def build_pipeline(
     accelerator: Any = None,
     engine_cache: str | None = None,
 ) -> Pipeline:
-    """source -> preprocess -> backend -> task -> screen -> displays, from a board config."""
-    source = open_source(source_uri or board.source["uri"], board.profile, board.source)
-    chain = BackendChain.from_board(
-        board,
-        devices={"edgetpu": accelerator} if accelerator is not None else None,
-        engine_cache=engine_cache,
-        data_dir=str(Path(engine_cache).parent) if engine_cache else None,  # engines/ lives in the data dir
-    )
-    choice = chain.open(model)
-    size = (board.display["width"], board.display["height"])
-    fps = float(board.display["fps"])
-    uris = display_uris or [board.display["uri"]]
-    # a framebuffer dictates the screen size; every other display takes it from there
-    displays, notices = [], []
-    for uri in (u for u in uris if u.startswith("fb:")):
-        try:
-            displays.append(open_display(uri, size=size, fps=fps))
-        except BadDisplay as exc:
-            if Path(uri[3:]).exists():
-                raise
-            # the screen is unplugged or absent: keep running headless (captures, serial, alerts go on)
-            notices.append(f"Display {uri} missing ({exc}); running headless")
-            log.error("%s", notices[-1])
-    if displays:
-        size = displays[0].size
-    displays += [open_display(u, size=size, fps=fps) for u in uris if not u.startswith("fb:")]
-    p = board.pipeline
-    options = PipelineOptions(
-        max_frames=max_frames,
-        stale_after_ms=float(p["stale_after_ms"]),
-        no_signal_after_ms=float(p["no_signal_after_ms"]),
-        stats_window=int(p["stats_window"]),
-        display_fps=fps,
-    )
-    pipeline = Pipeline(
-        source,
-        model,
-        choice,
-        Screen(*size),
-        displays,
-        options,
-        chain=chain,
-    )
-    for notice in notices:
-        pipeline.notify(notice)
-    return pipeline
+    """The pipeline alone (no result sinks) for a board: ``firmware_app.compose.compose_pipeline``."""
+    from firmware_app.compose import compose_pipeline
+    from firmware_app.device.devices import Devices
+
+    devices = Devices(accelerator=accelerator)
+    return compose_pipeline(board, model, source_uri, display_uris, max_frames, devices, engine_cache)

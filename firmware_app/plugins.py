@@ -21,7 +21,12 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-PACKAGES: dict[str, str] = {"backend": "firmware_app.backends"}
+PACKAGES: dict[str, str] = {
+    "backend": "firmware_app.backends",
+    "source": "firmware_app.sources",
+    "display": "firmware_app.display",
+    "task": "firmware_app.tasks",
+}
 
 _registry: dict[str, dict[str, Any]] = {}
 _aliases: dict[str, dict[str, str]] = {}

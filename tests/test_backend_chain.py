@@ -69,7 +69,7 @@ def test_model_switched_at_run_time_keeps_the_edgetpu_device(float_model_dir, tm
     assert p.choice.backend.name == "edgetpu" and acc.devices == ["usb"]
     p.switch_model(find_model(str(other)))
     assert acc.devices == ["usb", "usb"]
-    assert p._pending_model[1].backend.name == "edgetpu"
+    assert p.inference._pending[1].backend.name == "edgetpu"
     p.close()
 
 

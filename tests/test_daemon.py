@@ -238,8 +238,7 @@ def test_export_stick_gets_the_captures_when_plugged_in(tmp_path, float_model_di
     stick.mkdir()
     (stick / "firmware-app-export.toml").write_text("deidentify = true\n")
     mounts = []
-    monkeypatch.setattr(staging.subprocess, "run", lambda cmd, **kw: mounts.append(cmd[0]))
-    assert staging.export_device("/dev/sdz1", data, stick) == 0
+    assert staging.export_device("/dev/sdz1", data, stick, run=lambda cmd, **kw: mounts.append(cmd[0])) == 0
     assert mounts == ["mount", "umount"]
     ds = pydicom.dcmread(stick / "DICOMDIR")
     assert len(ds.DirectoryRecordSequence) > 2

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware_app.display.sinks import DISPLAYS, Display, open_display
+from firmware_app.display.sinks import Display, display_classes, open_display
 from firmware_app.errors import BadDisplay
 
 
@@ -157,8 +157,8 @@ def test_null_display_discards(uri):
 
 
 def test_displays_share_one_interface():
-    assert {"fb", "png", "video", "null"} <= set(DISPLAYS)
-    for cls in DISPLAYS.values():
+    assert {"fb", "png", "video", "null"} <= set(display_classes())
+    for cls in display_classes().values():
         assert issubclass(cls, Display) and cls.scheme
 
 

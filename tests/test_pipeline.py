@@ -110,7 +110,7 @@ class SpyPreprocess:
 
 def test_preprocessing_runs_on_the_capture_thread_while_the_model_runs(float_model_dir):
     p = make(float_model_dir, "synthetic:ultrasound?fps=0&width=160&height=120", max_frames=12)
-    spy = p.preprocess = SpyPreprocess(p.preprocess)
+    spy = p.inference.preprocess = SpyPreprocess(p.preprocess)
     stats = p.run()
     assert stats["frames_inferred"] == 12 and stats["errors"] == 0
     assert spy.threads and set(spy.threads) == {"fwapp-capture"}
@@ -125,7 +125,7 @@ def test_a_frame_prepared_for_a_replaced_preprocessor_is_prepared_again(float_mo
     frame = src.read()
     old = p._prepare(frame)
     assert old is not None and old.preprocess is p.preprocess
-    spy = p.preprocess = SpyPreprocess(p.preprocess)
+    spy = p.inference.preprocess = SpyPreprocess(p.preprocess)
     result = p.infer(frame, old)
     assert spy.threads == [threading.current_thread().name]  # done again, here
     assert result.frame_id == frame.id
@@ -333,7 +333,7 @@ class UnpluggedAccelerator(Backend):
 
 
 def test_accelerator_failing_mid_run_falls_back_to_cpu_then_returns(float_model_dir, monkeypatch):
-    import firmware_app.pipeline as pipeline_mod
+    import firmware_app.inference as pipeline_mod
     from firmware_app.backends.edgetpu import MockEdgeTpu
 
     monkeypatch.setattr(pipeline_mod, "ACCEL_RETRY_S", 0.3)

@@ -55,8 +55,9 @@ from modelkit import (  # noqa: E402
 
 from firmware_app.backends.base import TensorSpec  # noqa: E402
 from firmware_app.errors import BadFrame, BadModel  # noqa: E402
-from firmware_app.models.manifest import TASKS, parse_manifest  # noqa: E402
+from firmware_app.models.manifest import parse_manifest  # noqa: E402
 from firmware_app.preprocess import Preprocessor  # noqa: E402
+from firmware_app.tasks import task_names  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ""}
 
@@ -311,7 +312,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, required=True, help="model folder to write")
     ap.add_argument("--id", required=True, help="model id (lower case, digits, . _ -)")
     ap.add_argument("--version", default="1.0.0")
-    ap.add_argument("--task", required=True, choices=TASKS)
+    ap.add_argument("--task", required=True, choices=task_names())
     ap.add_argument(
         "--labels", required=True, help="comma-separated; labels[0] is the negative / background class"
     )

@@ -116,6 +116,7 @@ class BackendPlugin:
         EXACT  # a plugin whose numerics depend on its config overrides it per instance
     )
     runtime: ClassVar[str] = ""  # the Python distribution that provides it (version in doctor, auto's cache)
+    device_field: ClassVar[str | None] = None  # the firmware_app.device.Devices field it takes (a double)
 
     @classmethod
     def from_table(cls, table: dict[str, Any], where: str) -> BackendPlugin:

@@ -159,6 +159,10 @@ class BackendChain:
             keys, info = [backend_key(k) for k in order], []
         return self._first(model, keys, info)
 
+    def last_resort(self, backend: Backend) -> bool:
+        """Nothing comes after ``backend`` when it fails (it is the CPU)."""
+        return (backend.key or plugins.canonical("backend", backend.name) or "") == CPU
+
     def fall_back(self, model: ModelRef, failed: Backend, exc: BaseException) -> BackendChoice:
         """``failed`` broke at run time: the next backend after it in the chain (the CPU at the end)."""
         keys, _ = self.resolve(model)

@@ -109,6 +109,8 @@ class EdgeTpuPlugin(BackendPlugin):
     """``edgetpu``: model_edgetpu.tflite through the Edge TPU delegate. ``[backend.edgetpu] device`` (or the
     older ``[backend] edgetpu_device``): ``usb``, ``usb:N``, ``pci:N``; empty = the first found."""
 
+    device_field = "accelerator"
+
     device: str = ""
     files = ("model.tflite", EDGETPU_MODEL)
     accelerator = True

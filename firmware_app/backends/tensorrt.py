@@ -267,6 +267,8 @@ class TensorRTPlugin(BackendPlugin):
     """``tensorrt``: model.onnx built into a cached FP16 engine, verified against model_float.tflite.
     Engines live in ``<data-dir>/engines`` (the chain's engine cache; a temp folder without one)."""
 
+    device_field = "trt_runtime"
+
     files = ("model.tflite", ONNX_MODEL, FLOAT_TWIN)
     accelerator = True
     runtime = "tensorrt"

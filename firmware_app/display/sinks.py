@@ -25,23 +25,38 @@ from urllib.parse import parse_qs
 import cv2
 import numpy as np
 
+from firmware_app import plugins
 from firmware_app.errors import BadDisplay
 
 log = logging.getLogger(__name__)
 
-DISPLAYS: dict[str, type[Display]] = {}
-
 
 def register_display(cls: type[Display]) -> type[Display]:
-    """Class decorator: make ``cls`` reachable as ``<cls.scheme>:...``."""
-    DISPLAYS[cls.scheme] = cls
-    return cls
+    """Class decorator: declare ``cls`` as the display plugin reachable as ``<cls.scheme>:...``."""
+    return plugins.register("display", cls.scheme)(cls)
+
+
+def display_classes() -> dict[str, type[Display]]:
+    """scheme -> display plugin (firmware_app.plugins)."""
+    return plugins.plugins("display")
 
 
 class Display:
     """Base of every display. ``size`` is (width, height): the canvas ``show`` accepts."""
 
     scheme: ClassVar[str] = ""
+    # the device has a size of its own (a framebuffer): the screen is rendered at it, the others follow
+    dictates_size: ClassVar[bool] = False
+
+    @classmethod
+    def absent(cls, target: str) -> bool:
+        """The device this URI names is not attached (the box then runs headless, announced)."""
+        return False
+
+    @classmethod
+    def check(cls, uri: str, target: str) -> tuple[str, str]:
+        """For ``doctor``: ("ok" | "missing" | "fault", what was found)."""
+        return "ok", f"board display {uri}"
 
     def __init__(self, uri: str, size: tuple[int, int]) -> None:
         self.uri = uri
@@ -131,6 +146,26 @@ class FramebufferDisplay(Display):
     """
 
     scheme = "fb"
+    dictates_size = True
+
+    @classmethod
+    def absent(cls, target: str) -> bool:
+        return not Path(target).exists()
+
+    @classmethod
+    def check(cls, uri: str, target: str) -> tuple[str, str]:
+        dev = Path(target)
+        sysfs = Path("/sys/class/graphics") / dev.name
+        if not dev.exists():
+            return "missing", f"{dev} not found (board display {uri}); the daemon runs headless"
+        try:
+            size = (sysfs / "virtual_size").read_text().strip()
+            bpp = (sysfs / "bits_per_pixel").read_text().strip()
+        except OSError as exc:
+            return "fault", f"{dev}: cannot read {sysfs} ({exc})"
+        if not os.access(dev, os.W_OK):
+            return "fault", f"{dev} ({size}, {bpp} bpp) is not writable: add the user to 'video'"
+        return "ok", f"{dev} {size} {bpp} bpp"
 
     def __init__(self, uri: str, device: str, sysfs_root: str) -> None:
         self.device = device
@@ -362,12 +397,12 @@ def parse_display_uri(uri: str) -> tuple[str, str, dict[str, str]]:
         raise BadDisplay(f"display {uri!r}: empty URI (schemes: {_schemes()})")
     text = uri.strip()
     if ":" not in text:
-        if text in DISPLAYS and text == "null":
+        if text in display_classes() and text == "null":
             return text, "", {}
         raise BadDisplay(f"display {uri!r}: expected SCHEME:TARGET (schemes: {_schemes()})")
     scheme, rest = text.split(":", 1)
     scheme = scheme.lower()
-    if scheme not in DISPLAYS:
+    if scheme not in display_classes():
         raise BadDisplay(f"display {uri!r}: unknown scheme {scheme!r} (schemes: {_schemes()})")
     target, _, query = rest.partition("?")
     params: dict[str, str] = {}
@@ -384,7 +419,7 @@ def parse_display_uri(uri: str) -> tuple[str, str, dict[str, str]]:
 
 
 def _schemes() -> str:
-    return ", ".join(f"{s}:" for s in sorted(DISPLAYS))
+    return ", ".join(f"{s}:" for s in sorted(display_classes()))
 
 
 def open_display(
@@ -398,6 +433,6 @@ def open_display(
     scheme, target, params = parse_display_uri(uri)
     if len(size) != 2 or min(size) <= 0:
         raise BadDisplay(f"display {uri!r}: bad size {size!r}")
-    display = DISPLAYS[scheme].from_uri(uri, target, params, tuple(size), fps, sysfs_root)
+    display = display_classes()[scheme].from_uri(uri, target, params, tuple(size), fps, sysfs_root)
     display.open()
     return display

@@ -18,10 +18,9 @@ from typing import Any
 from firmware_app.errors import BadModel
 from firmware_app.tomlio import load_toml
 
-TASKS = ("classification", "segmentation", "detection")
 COLORS = ("gray", "rgb", "bgr")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
-LAYOUTS = ("ssd_postprocess", "boxes_scores")
+TASK_OUTPUT_KEYS = ("layout", "heatmap_output")  # [output] keys that a task plugin declares it takes
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$")
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -205,8 +204,12 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         raise bad(f"id {data['id']!r} must be lower-case letters, digits, '.', '_' or '-' (max 64)")
     if not _SEMVER.match(data["version"]):
         raise bad(f"version {data['version']!r} is not semantic (MAJOR.MINOR.PATCH)")
-    if data["task"] not in TASKS:
-        raise bad(f"task {data['task']!r} must be one of {', '.join(TASKS)}")
+    from firmware_app import plugins
+
+    tasks = plugins.plugins("task")  # each task plugin declares the [output] keys it takes and checks them
+    if data["task"] not in tasks:
+        raise bad(f"task {data['task']!r} must be one of {', '.join(tasks)}")
+    task = tasks[data["task"]]
     if not (0 < inp["width"] <= 4096 and 0 < inp["height"] <= 4096):
         raise bad(f"[input] width/height {inp['width']}x{inp['height']} out of range 1..4096")
     if inp["color"] not in COLORS:
@@ -223,16 +226,12 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         raise bad(f"[output] labels {labels!r} has duplicates")
     if out["activation"] not in ACTIVATIONS:
         raise bad(f"[output] activation {out['activation']!r} must be one of {', '.join(ACTIVATIONS)}")
+    for key in TASK_OUTPUT_KEYS:
+        if key in out and key not in task.output_keys:
+            owners = [name for name, t in tasks.items() if key in t.output_keys]
+            raise bad(f"[output] {key} applies to {' and '.join(owners)} models only, not {data['task']}")
+    task.check_manifest(data, bad)
     layout = out.get("layout")
-    if data["task"] == "detection":
-        if layout is None:
-            raise bad("missing required key [output] layout for a detection model (e.g. 'ssd_postprocess')")
-        if layout not in LAYOUTS:
-            raise bad(f"[output] layout {layout!r} must be one of {', '.join(LAYOUTS)}")
-    elif layout is not None:
-        raise bad(f"[output] layout applies to detection models only, not {data['task']}")
-    if data["task"] == "segmentation" and len(labels) < 2:
-        raise bad("[output] labels of a segmentation model need at least [background, finding]")
     lo, alert, hi = float(thr["alert_min"]), float(thr["alert"]), float(thr["alert_max"])
     if not (0.0 <= lo <= alert <= hi <= 1.0):
         raise bad(f"[thresholds] need 0 <= alert_min ({lo}) <= alert ({alert}) <= alert_max ({hi}) <= 1")
@@ -254,7 +253,7 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         problems = check_reference(reference)
         if problems:
             raise bad(problems[0])
-    finding = _finding_rules(data.get("finding", {}), data["task"], bad)
+    finding = _finding_rules(data.get("finding", {}), data["task"], task, bad)
     gate = data.get("gate")
     if gate is not None:
         _check_gate(gate, folder, bad)
@@ -288,7 +287,7 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
     )
 
 
-def _finding_rules(t: dict[str, Any], task: str, bad) -> FindingRules:
+def _finding_rules(t: dict[str, Any], task_name: str, task: Any, bad) -> FindingRules:
     rules = FindingRules()
     mm2 = t.get("min_size_mm2")
     frac = float(t.get("min_size_fraction", rules.min_size_fraction))
@@ -314,8 +313,10 @@ def _finding_rules(t: dict[str, Any], task: str, bad) -> FindingRules:
         raise bad(f"[finding] pixel_threshold {pix} must be in (0, 1)")
     coef = None
     if "coef" in t or "features" in t:
-        if task != "segmentation":
-            raise bad("[finding] features/coef (finding-level calibration) apply to segmentation models only")
+        if not task.finding_calibration:
+            raise bad(
+                f"[finding] features/coef (a finding-level calibration) do not apply to {task_name} models"
+            )
         feats, c = t.get("features"), t.get("coef")
         if feats != list(FINDING_FEATURES):
             raise bad(f"[finding] features must be {list(FINDING_FEATURES)}, got {feats!r}")

@@ -737,10 +737,14 @@ class Recorder:
         self.counters = {"captures": 0, "failed": 0, "skipped": 0, "clip_skipped": 0, "cases": 0}
 
     # -- wiring -----------------------------------------------------------------------------------
-    def attach(self, pipeline: Any) -> Recorder:
-        """Listen to ``pipeline``'s results, take its current model and show notices on its screen."""
+    def bind(self, pipeline: Any) -> None:
+        """As a result sink (firmware_app.sinks): take ``pipeline``'s current model, show notices on its screen."""
         self._model_source = lambda: pipeline.model
         self._notify = pipeline.notify
+
+    def attach(self, pipeline: Any) -> Recorder:
+        """Listen to ``pipeline``'s results (as a listener, not a sink), and ``bind`` to it."""
+        self.bind(pipeline)
         pipeline.listeners.append(self.on_result)
         return self
 

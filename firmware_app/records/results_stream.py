@@ -92,13 +92,23 @@ class ResultsStream:
     the stream goes on with the next frame.
     """
 
-    def __init__(self, path: str | Path, describe) -> None:
+    def __init__(self, path: str | Path, describe=None) -> None:
         self.path = Path(path)
         self._describe = describe
         self._fh: IO[str] | None = None
         self._lock = threading.Lock()
         self.written = 0
         self.failed = 0
+
+    def bind(self, pipeline) -> None:
+        """As a result sink: name the model and backend running now, and whether results are shown."""
+        if self._describe is None:
+
+            def describe() -> tuple[str, str, bool]:
+                m = pipeline.model.manifest
+                return f"{m.id}@{m.version}", pipeline.choice.backend.name, not pipeline.silent_trial
+
+            self._describe = describe
 
     @staticmethod
     def check_writable(path: str | Path) -> None:

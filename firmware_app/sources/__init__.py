@@ -6,31 +6,22 @@ v4l2:/dev/video0  v4l2:0    file:clip.mp4[?realtime=0]    images:DIR    dicom:FI
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from firmware_app import plugins
 from firmware_app.errors import BadSource
 from firmware_app.sources.base import Source
 from firmware_app.sources.profile import SourceProfile
 
-# scheme -> module that defines it (imported on first use, so a board never pays for what it lacks)
-_MODULES = {
-    "synthetic": "firmware_app.sources.synthetic",
-    "v4l2": "firmware_app.sources.v4l2",
-    "file": "firmware_app.sources.video",
-    "images": "firmware_app.sources.video",
-    "dicom": "firmware_app.sources.dicom",
-}
-_REGISTRY: dict[str, type[Source]] = {}
-
 
 def register(scheme: str) -> Callable[[type[Source]], type[Source]]:
+    """Class decorator: declare a source plugin reachable as ``<scheme>:...`` (firmware_app.plugins)."""
+
     def deco(cls: type[Source]) -> type[Source]:
         cls.scheme = scheme
-        _REGISTRY[scheme] = cls
-        return cls
+        return plugins.register("source", scheme)(cls)
 
     return deco
 
@@ -39,7 +30,7 @@ def split_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     """'dicom:/a/b?watch=0' -> ('dicom', '/a/b', {'watch': '0'})."""
     scheme, sep, rest = uri.partition(":")
     if not sep or not scheme:
-        raise BadSource(f"source {uri!r}: expected SCHEME:TARGET, one of {', '.join(sorted(_MODULES))}")
+        raise BadSource(f"source {uri!r}: expected SCHEME:TARGET, one of {', '.join(plugins.keys('source'))}")
     target, _, query = rest.partition("?")
     try:
         params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
@@ -49,15 +40,12 @@ def split_uri(uri: str) -> tuple[str, str, dict[str, str]]:
 
 
 def source_class(scheme: str, uri: str = "") -> type[Source]:
-    if scheme not in _REGISTRY:
-        module = _MODULES.get(scheme)
-        if module is None:
-            raise BadSource(
-                f"source {uri or scheme!r}: unknown scheme {scheme!r}; "
-                f"use one of {', '.join(sorted(_MODULES))}"
-            )
-        importlib.import_module(module)
-    return _REGISTRY[scheme]
+    try:
+        return plugins.get("source", scheme)
+    except KeyError:
+        raise BadSource(
+            f"source {uri or scheme!r}: unknown scheme {scheme!r}; use one of {', '.join(plugins.keys('source'))}"
+        ) from None
 
 
 def open_source(

@@ -47,6 +47,7 @@ def check_pixels(pixels: object, where: str) -> None:
 class Source:
     scheme: ClassVar[str] = ""
     live: bool = True
+    modality: str | None = None  # the DICOM modality of what it yields when it knows it ("US", "DX" ...)
 
     def __init__(self, uri: str, profile: SourceProfile | None = None) -> None:
         self.uri = uri

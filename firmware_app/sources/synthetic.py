@@ -45,6 +45,7 @@ class SyntheticSource(Source):
         if kind not in KINDS:
             raise BadSource(f"source {uri!r}: unknown phantom {kind!r}; use {', '.join(KINDS)}")
         self.kind = kind
+        self.modality = "DX" if kind == "xray" else "US"
         self.seed, self.fps, self.frames = seed, fps, frames
         self.live = fps > 0
         self.cache = cache

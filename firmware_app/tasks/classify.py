@@ -13,11 +13,15 @@ import numpy as np
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import Manifest
+from firmware_app.tasks import Task, register
 from firmware_app.tasks.calibrate import probabilities
 from firmware_app.types import Result
 
 
-class Classifier:
+@register("classification")
+class Classifier(Task):
+    output_keys = ("heatmap_output",)
+
     def __init__(self, manifest: Manifest, outputs: list[TensorSpec]) -> None:
         self.m = manifest
         hm = manifest.heatmap_output

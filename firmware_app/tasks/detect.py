@@ -16,13 +16,28 @@ import numpy as np
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import Manifest
+from firmware_app.tasks import Task, register
 from firmware_app.tasks.calibrate import probabilities, quantized_table
 from firmware_app.types import Box, Result
 
 NMS_IOU = 0.5
 
 
-class Detector:
+LAYOUTS = ("ssd_postprocess", "boxes_scores")
+
+
+@register("detection")
+class Detector(Task):
+    output_keys = ("layout",)
+
+    @classmethod
+    def check_manifest(cls, data: dict, bad) -> None:
+        layout = data["output"].get("layout")
+        if layout is None:
+            raise bad("missing required key [output] layout for a detection model (e.g. 'ssd_postprocess')")
+        if layout not in LAYOUTS:
+            raise bad(f"[output] layout {layout!r} must be one of {', '.join(LAYOUTS)}")
+
     def __init__(self, manifest: Manifest, outputs: list[TensorSpec]) -> None:
         self.m = manifest
         self.specs = outputs

@@ -134,7 +134,7 @@ class FindingStage:
         depth0 = float(frame.meta.get("depth_origin_y") or 0.0)
         depth_ok = mm is not None and frame.meta.get("Modality") not in _PROJECTION
         area_px = float(frame.width * frame.height)
-        if result.task == "segmentation" and result.area_fraction:
+        if result.mask is not None and result.area_fraction:  # a region: its area and extent
             frac = float(result.area_fraction)
             size = (frac * area_px * mm[0] * mm[1], "mm2") if mm else (frac, "fraction")
             meas: dict[str, tuple[float, str]] = {}
@@ -150,7 +150,7 @@ class FindingStage:
             if not self._big_enough(frac, size[0] if mm else None):
                 return replace(result, alert=False, label=None), size, meas
             return result, size, meas
-        if result.task == "detection" and result.boxes:
+        if result.boxes:  # boxes: each one's size
             kept = tuple(b for b in result.boxes if self._big_enough(*_box_size(b, area_px, mm)))
             if not kept:
                 return replace(result, alert=False, label=None, boxes=(), centroid=None), None, {}

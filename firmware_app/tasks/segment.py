@@ -21,6 +21,7 @@ import numpy as np
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import FindingRules, Manifest
+from firmware_app.tasks import Task, register
 from firmware_app.tasks.calibrate import logit, probabilities, quantized_table, sigmoid
 from firmware_app.types import Result
 
@@ -48,7 +49,15 @@ def finding_confidence(rules: FindingRules, prob: np.ndarray, mask: np.ndarray) 
     return min(max(float(sigmoid(np.float64(z))), lo), hi)
 
 
-class Segmenter:
+@register("segmentation")
+class Segmenter(Task):
+    finding_calibration = True  # [finding] features / coef: the finding-level confidence fit
+
+    @classmethod
+    def check_manifest(cls, data: dict, bad) -> None:
+        if len(data["output"]["labels"]) < 2:
+            raise bad("[output] labels of a segmentation model need at least [background, finding]")
+
     def __init__(self, manifest: Manifest, outputs: list[TensorSpec]) -> None:
         self.m = manifest
         spec = outputs[0]

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from firmware_app.durable import fsync_dir
 from firmware_app.update.bundle import MAX_BUNDLE_BYTES
@@ -123,12 +124,13 @@ def _copy_one(src: Path, staging: Path, name: str, owner: os.stat_result) -> Non
         os.close(fd)
 
 
-def stage_device(device: str, data_dir: str | Path) -> int:
+def stage_device(device: str, data_dir: str | Path, run: Callable[..., Any] | None = None) -> int:
     """Mount ``device`` read-only (nosuid, nodev, noexec) on a private folder, stage its bundles, unmount.
 
     A stick that carries ``firmware-app-export.toml`` is an export stick: afterwards it is mounted
     read-write (still nosuid, nodev, noexec) and the captures are exported to it as a DICOM File-set.
     """
+    run = run or subprocess.run  # Devices.usb_mount: the mount/umount runner (a double in tests)
     st = os.stat(device)
     if not stat.S_ISBLK(st.st_mode):
         log.error("%s: not a block device", device)
@@ -136,17 +138,15 @@ def stage_device(device: str, data_dir: str | Path) -> int:
     mnt = Path(tempfile.mkdtemp(prefix="firmware-app-usb-"))
     export_stick = False
     try:
-        subprocess.run(
-            ["mount", "-t", FILESYSTEMS, "-o", MOUNT_OPTIONS, device, str(mnt)], check=True, timeout=60
-        )
+        run(["mount", "-t", FILESYSTEMS, "-o", MOUNT_OPTIONS, device, str(mnt)], check=True, timeout=60)
         try:
             staged = stage_folder(mnt, data_dir)
             export_stick = (mnt / EXPORT_MARKER).is_file()
         finally:
-            subprocess.run(["umount", str(mnt)], check=False, timeout=60)
+            run(["umount", str(mnt)], check=False, timeout=60)
         log.info("%s: %d bundle(s) staged for the daemon", device, len(staged))
         if export_stick:
-            return export_device(device, data_dir, mnt)
+            return export_device(device, data_dir, mnt, run)
     except (subprocess.SubprocessError, OSError) as exc:
         log.error("%s: cannot stage bundles: %s", device, exc)
         return 1
@@ -158,13 +158,14 @@ def stage_device(device: str, data_dir: str | Path) -> int:
     return 0
 
 
-def export_device(device: str, data_dir: str | Path, mnt: Path) -> int:
+def export_device(device: str, data_dir: str | Path, mnt: Path, run: Callable[..., Any] | None = None) -> int:
     """Mount an export stick read-write and export the captures to it as the data dir's owner."""
     from firmware_app.records.commands import auto_export
 
+    run = run or subprocess.run
     owner = os.stat(data_dir)
     options = f"rw,nosuid,nodev,noexec,noatime,uid={owner.st_uid},gid={owner.st_gid},umask=077"
-    subprocess.run(["mount", "-t", FILESYSTEMS, "-o", options, device, str(mnt)], check=True, timeout=60)
+    run(["mount", "-t", FILESYSTEMS, "-o", options, device, str(mnt)], check=True, timeout=60)
     try:
         pid = os.fork()
         if pid == 0:  # the export itself runs without root, as the daemon's user
@@ -187,7 +188,7 @@ def export_device(device: str, data_dir: str | Path, mnt: Path) -> int:
         return os.waitstatus_to_exitcode(status)
     finally:
         os.sync()
-        subprocess.run(["umount", str(mnt)], check=False, timeout=120)
+        run(["umount", str(mnt)], check=False, timeout=120)
 
 
 def main(argv: list[str] | None = None) -> int:

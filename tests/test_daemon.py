@@ -242,3 +242,50 @@ def test_export_stick_gets_the_captures_when_plugged_in(tmp_path, float_model_di
     assert mounts == ["mount", "umount"]
     ds = pydicom.dcmread(stick / "DICOMDIR")
     assert len(ds.DirectoryRecordSequence) > 2
+
+
+def test_a_whole_board_on_mock_devices_no_monkeypatching(tmp_path, float_model_dir):
+    """rpi4-cpu (buttons, lights, serial) composed on Devices.mock(): every sink runs on its double."""
+    from firmware_app.compose import compose  # noqa: F401  (the daemon is built by it)
+    from firmware_app.config import load_board
+    from firmware_app.device.devices import Devices
+    from firmware_app.sinks import LinkSink, PanelSink, WatchdogSink
+
+    devices = Devices.mock(clock=time.monotonic)
+    d = Daemon(
+        load_board("rpi4-cpu"),
+        tmp_path / "data",
+        model_ref=str(float_model_dir),
+        source_uri="synthetic:ultrasound?fps=30",  # 640x480: the board crops it,
+        display_uris=["null"],
+        devices=devices,
+    )
+    kinds = {type(s) for s in d.pipeline.sinks}
+    assert {PanelSink, LinkSink, WatchdogSink} <= kinds and d.recorder is not None
+    d.start()
+    try:
+        assert wait_for(lambda: d.pipeline.counters.frames_inferred >= 3)
+        link = next(s for s in d.pipeline.sinks if isinstance(s, LinkSink)).link
+        assert wait_for(lambda: link.counters.results_sent >= 2)  # over the loop:// double
+        devices.pin_factory.pin(17).drive_low()  # freeze, on the mock pins
+        assert wait_for(lambda: d.frozen)
+    finally:
+        d.close()
+
+
+def test_the_pipeline_reads_the_injected_clock_for_notices(tmp_path, float_model_dir):
+    from firmware_app.device.devices import ManualClock
+
+    clock = ManualClock()
+    d = Daemon(
+        board(),
+        tmp_path / "data",
+        model_ref=str(float_model_dir),
+        source_uri="synthetic:ultrasound?fps=0&width=160&height=120",
+        display_uris=["null"],
+        clock=clock,
+    )
+    d.pipeline.notify("hello")
+    assert "hello" in d.pipeline.messages()
+    clock.advance(60.0)
+    assert "hello" not in d.pipeline.messages()  # notices last 15 s of the box's clock

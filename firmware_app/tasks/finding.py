@@ -110,6 +110,7 @@ class FindingStage:
         if not on:
             bare = _bare(result, "no_finding", gate)
             return replace(bare, confidence=result.confidence)
+        measurements = {**result.measurements, **measurements}  # a task's own, then the size's
         return replace(result, state="finding", alert=True, gate=gate, size=size, measurements=measurements)
 
     # -- persistence --

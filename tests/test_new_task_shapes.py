@@ -6,6 +6,7 @@ The task here is defined in the test itself: a keypoint model whose output is K 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timezone
 
@@ -127,3 +128,26 @@ def test_the_results_stream_serial_line_and_captures_carry_the_points():
     assert [(p.x, p.y, p.label, p.score) for p in back.points] == [
         (p.x, p.y, p.label, p.score) for p in r.points
     ]
+
+
+def test_the_sr_holds_a_point_region_per_point(tmp_path):
+    import pydicom
+    from records_support import MODEL, pydicom_data_file
+
+    from firmware_app.records.captures import Recorder
+    from firmware_app.records.export import export_fileset
+    from firmware_app.sources import open_source
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open_source(f"dicom:{pydicom_data_file('US1_UNCR.dcm')}") as src:
+        f = src.read()
+    f = dataclasses.replace(f, meta={**f.meta, "single_image": True})  # one image: no persistence
+    Recorder(data, model=MODEL).capture(f, _result(f))
+    report = export_fileset(data, tmp_path / "stick")
+    (item,) = report.exported
+    sr = next(
+        pydicom.dcmread(report.out_dir / fid) for role, fid in zip(item.uids, item.files) if role == "sr"
+    )
+    text = str(sr)
+    assert text.count("POINT") >= 2 and "apex" in text and "length" in text, text[-3000:]

@@ -47,6 +47,7 @@ def seg_result(frame_id: int = 7, alert: bool = True) -> Result:
         label="fluid",
         confidence=0.87654,
         alert=alert,
+        mask=np.ones((4, 4), np.uint8),  # the centroid and area are the mask's
         centroid=(120.04, 64.5),
         area_fraction=0.0123456,
     )

@@ -1,12 +1,13 @@
 """The serial line to a patient monitor or a PC (pyserial): a result stream and a small command set.
 
 Out: one line per result.
-  format = "json": ``{"type": "result", "time": ISO 8601 UTC, "frame": id, "model": id, "version": v,
-  "finding": label|null, "confidence": p|null, "alert": bool, "location": {"centroid": [x, y],
-  "area_fraction": a} | {"boxes": [{x0, y0, x1, y1, score, label}]} | null}``. No patient identifiers.
+  format = "json": ``{"type": "result", ...}`` and the results-stream record (``records.results_stream``).
+  No patient identifiers.
   format = "hl7": HL7 v2.5.1 ORU^R01 in MLLP framing (0x0B message 0x1C 0x0D). No patient identifiers are
   known, so the optional PATIENT group (PID) is left out, which ORU^R01 allows: an anonymous observation
-  (MSH, OBR, OBX). MSH-15/16 = NE: the receiver sends no acknowledgements; anything it sends is discarded.
+  (MSH, OBR, OBX). The OBX are read from the result's shapes and measurements, never from its task: model,
+  finding, confidence, alert, the finding's centroid and a mask's area fraction, each box (BOX, BOX_LABEL,
+  BOX_SCORE) and point (POINT, POINT_LABEL, POINT_SCORE), then each measurement (MEAS_<NAME>, UCUM unit). MSH-15/16 = NE: the receiver sends no acknowledgements; anything it sends is discarded.
 
 In (json only, ``commands = true``): one command per line (CR, LF or CRLF), each answered by one JSON line
 ``{"ok": true, "cmd": ..., ...}`` or ``{"ok": false, "cmd": ..., "error": "..."}``:
@@ -229,12 +230,26 @@ def result_hl7(
         obx.append(("NA", "BOX^Detection box x0,y0,x1,y1 (pixels)^L", str(i), box, "", ""))
         obx.append(("ST", "BOX_LABEL^Detection label^L", str(i), hl7_escape(b.label), "", ""))
         obx.append(("NM", "BOX_SCORE^Detection score^L", str(i), _num(b.score), "1^^UCUM", ""))
+    for i, p in enumerate(result.points, start=1):
+        obx.append(("NA", "POINT^Point x,y (pixels)^L", str(i), f"{_num(p.x, 1)}^{_num(p.y, 1)}", "", ""))
+        if p.label:
+            obx.append(("ST", "POINT_LABEL^Point label^L", str(i), hl7_escape(p.label), "", ""))
+        if p.score is not None:
+            obx.append(("NM", "POINT_SCORE^Point score^L", str(i), _num(p.score), "1^^UCUM", ""))
+    for name, (value, unit) in result.measurements.items():
+        ident = f"MEAS_{hl7_escape(name.upper().replace(' ', '_'))}^{hl7_escape(name)}^L"
+        obx.append(("NM", ident, "", _num(value, 3), f"{_ucum(unit)}^^UCUM", ""))
     segments = [msh, obr]
     for n, (vtype, ident, sub, value, units, fl) in enumerate(obx, start=1):
         segments.append(
             _segment("OBX", {1: str(n), 2: vtype, 3: ident, 4: sub, 5: value, 6: units, 8: fl, 11: "P"})
         )
     return "".join(s + "\r" for s in segments)
+
+
+def _ucum(unit: str) -> str:
+    """A measurement's unit as UCUM: "fraction" is the unity "1"; mm, mm2, deg ... are UCUM already."""
+    return "1" if unit == "fraction" else hl7_escape(unit)
 
 
 def mllp(message: str) -> bytes:

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from firmware_app.display.font import Font, draw_text
+from firmware_app.display.overlay import ACCENT, OverlayPainter, Style
 from firmware_app.types import Frame, Result
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ DIVIDER = _bgr("#2a3139")
 TEXT = _bgr("#eef1f4")
 TEXT_2 = _bgr("#9aa5b1")
 TEXT_DIM = _bgr("#5d6670")
-ACCENT = _bgr("#2bd2e6")
-ACCENT_TEXT = _bgr("#061418")
 AMBER = _bgr("#ffb300")
 AMBER_TEXT = _bgr("#1a1200")
 ALERT = _bgr("#e5383b")
@@ -67,13 +66,10 @@ CHIP_INFO = _bgr("#8fa3b8")
 
 BOLD = "sans-bold"
 REGULAR = "sans"
-SEG_ALPHA = 0.33
-HEATMAP_ALPHA = 0.55
 # The finding's measurements (area, centroid, box count) are a numeric readout, refreshed at most this often
 # while the finding itself (label, alert) stays the same: at 30 frames a second they would flicker past
 # unread, and redrawing them is most of a frame's screen time. A change of finding shows at once.
 DETAIL_REFRESH_S = 0.5
-_JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_JET)[:, 0, :]
 
 
 @dataclass
@@ -180,8 +176,8 @@ class Screen:
         self._regular = Font.load(REGULAR)
         self.canvas = np.zeros((self.height, self.width, 3), np.uint8)
         self._layout()
-        self._accent_plane = np.empty((self.image_area.h, self.image_area.w, 3), np.uint8)
-        self._accent_plane[:] = ACCENT
+        self._painter = OverlayPainter()  # the AI's shapes, drawn as the burned-in export draws them
+        self._style = Style(self.sz.line, self.sz.small, self.sz.gap)
         self._draw_static()
         self._keys: dict[str, object] = {}
         self._detail: tuple[float, object, tuple[str, ...]] | None = None  # (when, finding, lines shown)
@@ -189,7 +185,6 @@ class Screen:
         self.image_rect: Rect | None = None  # where the frame is, on the canvas
         self._area_clean = False  # image area is plain black outside image_rect
         self._gray_buf: np.ndarray | None = None
-        self._heat_buf: np.ndarray | None = None
 
     # ----- layout -----------------------------------------------------------------------------------
 
@@ -365,9 +360,7 @@ class Screen:
         dw, dh = max(1, int(round(fw * scale))), max(1, int(round(fh * scale)))
         self.image_rect = Rect(reg.x + (reg.w - dw) // 2, reg.y + (reg.h - dh) // 2, dw, dh)
         self._geom = (fw, fh)
-        self._scale = (dw / fw, dh / fh)
         self._gray_buf = np.empty((dh, dw), np.uint8)
-        self._heat_buf = None
         self._area_clean = False
         # Strong downscales: halve with INTER_AREA (OpenCV's fast 2x2 path; no aliasing of speckle) until the
         # rest is a linear resize by at least 0.5.
@@ -436,116 +429,9 @@ class Screen:
 
     # ----- overlays -------------------------------------------------------------------------------------
 
-    def _to_view(self, x: float, y: float) -> tuple[float, float]:
-        """Frame pixel centre (x, y) -> image view pixel centre (the cv2.resize mapping)."""
-        sx, sy = self._scale
-        return (x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5
-
     def _draw_overlay(self, result: Result, frame: Frame) -> None:
         view = self.image_rect.view(self.canvas)
-        if result.heatmap is not None:
-            self._draw_heatmap(view, result.heatmap)
-        if result.mask is not None:
-            self._draw_mask(view, result.mask, result.contours, frame)
-        elif result.contours:
-            self._draw_contours(view, result.contours)
-        if result.boxes:
-            self._draw_boxes(view, result)
-
-    def _draw_mask(self, view: np.ndarray, mask: np.ndarray, contours, frame: Frame) -> None:
-        m = mask.view(np.uint8) if mask.dtype == bool else mask
-        if m.dtype != np.uint8:
-            m = (m > 0).astype(np.uint8)
-        if m.ndim == 3:
-            m = m[:, :, 0]
-        bx, by, bw, bh = cv2.boundingRect(m)
-        if bw == 0 or bh == 0:
-            return
-        mh, mw = m.shape
-        # The mask may be at another resolution than the frame: stretch it over the shown image.
-        sx, sy = view.shape[1] / mw, view.shape[0] / mh
-        vx0, vy0 = max(0, int(math.floor(bx * sx))), max(0, int(math.floor(by * sy)))
-        vx1 = min(view.shape[1], int(math.ceil((bx + bw) * sx)))
-        vy1 = min(view.shape[0], int(math.ceil((by + bh) * sy)))
-        if vx1 <= vx0 or vy1 <= vy0:
-            return
-        # Inverse map (view pixel -> mask pixel), nearest: the tint covers exactly the mask's pixels.
-        M = np.array([[1 / sx, 0, (vx0 + 0.5) / sx - 0.5], [0, 1 / sy, (vy0 + 0.5) / sy - 0.5]], np.float64)
-        sub = cv2.warpAffine(
-            m, M, (vx1 - vx0, vy1 - vy0), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0
-        )
-        roi = view[vy0:vy1, vx0:vx1]
-        tint = cv2.addWeighted(roi, 1 - SEG_ALPHA, self._accent_plane[: vy1 - vy0, : vx1 - vx0], SEG_ALPHA, 0)
-        cv2.copyTo(tint, sub, roi)
-        if contours:  # frame coordinates
-            self._draw_contours(view, contours)
-        else:
-            found, _ = cv2.findContours(sub, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(view, found, -1, ACCENT, self.sz.line, cv2.LINE_AA, offset=(vx0, vy0))
-
-    def _draw_contours(self, view: np.ndarray, contours) -> None:
-        """Polygons in frame pixel coordinates, drawn with subpixel precision."""
-        sx, sy = self._scale
-        shift = 4
-        polys = []
-        for c in contours:
-            pts = np.asarray(c, np.float64).reshape(-1, 2)
-            if len(pts) < 2:
-                continue
-            v = np.empty_like(pts)
-            v[:, 0] = ((pts[:, 0] + 0.5) * sx - 0.5) * (1 << shift)
-            v[:, 1] = ((pts[:, 1] + 0.5) * sy - 0.5) * (1 << shift)
-            polys.append(np.round(v).astype(np.int32).reshape(-1, 1, 2))
-        if polys:
-            cv2.polylines(view, polys, True, ACCENT, self.sz.line, cv2.LINE_AA, shift)
-
-    def _draw_heatmap(self, view: np.ndarray, heatmap: np.ndarray) -> None:
-        h = np.asarray(heatmap, np.float32)
-        if h.ndim == 3:
-            h = h[:, :, 0]
-        if h.size == 0:
-            return
-        h = np.clip(h, 0.0, 1.0)
-        color = _JET[(h * 255.0 + 0.5).astype(np.uint8)]  # cv2.applyColorMap builds its table every call
-        # Premultiply at the heatmap's (small) resolution, stretch, then two saturating uint8 passes:
-        # view = view * (1 - a) + colour * a, with a = HEATMAP_ALPHA * heat.
-        a = h * HEATMAP_ALPHA
-        col_a = (color * a[:, :, None] + 0.5).astype(np.uint8)
-        keep = ((1.0 - a) * 255.0 + 0.5).astype(np.uint8)
-        vh, vw = view.shape[:2]
-        if self._heat_buf is None:
-            self._heat_buf = (
-                np.empty((vh, vw, 3), np.uint8),
-                np.empty((vh, vw, 3), np.uint8),
-                np.empty((vh, vw), np.uint8),
-            )
-        col_buf, keep_buf, keep1 = self._heat_buf
-        cv2.resize(col_a, (vw, vh), dst=col_buf, interpolation=cv2.INTER_LINEAR)
-        # one channel stretched, then copied to three: a third of the interpolation work
-        cv2.resize(keep, (vw, vh), dst=keep1, interpolation=cv2.INTER_LINEAR)
-        cv2.cvtColor(keep1, cv2.COLOR_GRAY2BGR, dst=keep_buf)
-        cv2.multiply(view, keep_buf, dst=view, scale=1.0 / 255.0)
-        cv2.add(view, col_buf, dst=view)
-
-    def _draw_boxes(self, view: np.ndarray, result: Result) -> None:
-        sx, sy = self._scale
-        s = self.sz
-        vh, vw = view.shape[:2]
-        size = s.small
-        for b in result.boxes:
-            x0, y0 = int(round(b.x0 * sx)), int(round(b.y0 * sy))
-            x1, y1 = int(round(b.x1 * sx)) - 1, int(round(b.y1 * sy)) - 1
-            if x1 < 0 or y1 < 0 or x0 >= vw or y0 >= vh:
-                continue
-            cv2.rectangle(view, (x0, y0), (x1, y1), ACCENT, s.line, cv2.LINE_AA)
-            tag = f"{b.label} {b.score * 100:.0f}%"
-            tag = self._bold.fit(tag, size, max(vw // 2, 40))
-            tw, th = self._bold.measure(tag, size)
-            tw += 2 * s.gap
-            ty = y0 - th if y0 - th >= 0 else y0  # above the box, or inside it at the top edge
-            tx = min(max(x0, 0), max(vw - tw, 0))
-            cv2.rectangle(view, (tx, ty), (tx + tw - 1, ty + th - 1), ACCENT, -1)
-            self._text(view, tag, tx + s.gap, ty, size, ACCENT_TEXT)
+        self._painter.paint(view, result.shapes, (frame.width, frame.height), self._style)
 
     # ----- banners ----------------------------------------------------------------------------------------
 
@@ -765,8 +651,13 @@ def _shown_pct(confidence: float | None) -> str | None:
     return None if confidence is None else _pct(confidence)
 
 
+_SIZE_NAMES = frozenset({"area", "width", "height", "depth"})
+
+
 def _where(r: Result) -> tuple[str, ...]:
-    """The measurement lines of a finding: physical units when the scale is known, never pixel positions."""
+    """The measurement lines of a finding: physical units when the scale is known, never pixel positions.
+
+    Read from its measurements and shapes (how many boxes or points), whatever task made it."""
     lines = []
     m = r.measurements
     size = []
@@ -783,9 +674,12 @@ def _where(r: Result) -> tuple[str, ...]:
         lines.append(f"Area {r.area_fraction * 100:.1f} % of image")
     if "depth" in m:
         lines.append(f"Depth {m['depth'][0]:.0f} mm from probe")
-    if r.boxes:
-        n = len(r.boxes)
-        lines.insert(0, f"{n} box" if n == 1 else f"{n} boxes")
+    for name, (value, unit) in m.items():  # a task's own measurements, as named
+        if name not in _SIZE_NAMES:
+            lines.append(f"{name[:1].upper()}{name[1:]} {value:.3g} {unit}")
+    for shapes, one, many in ((r.points, "point", "points"), (r.boxes, "box", "boxes")):
+        if shapes:
+            lines.insert(0, f"{len(shapes)} {one if len(shapes) == 1 else many}")
     if not lines and r.heatmap is not None:
         lines.append("Heatmap shown on image")
     return tuple(lines)

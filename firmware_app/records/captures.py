@@ -60,7 +60,8 @@ from firmware_app.records.errors import (
     StorageFull,
 )
 from firmware_app.records.fsutil import free_bytes, remove_stale_temps, write_new, write_replace
-from firmware_app.types import Box, Frame, Result
+from firmware_app.shapes import BoxShape, Heatmap, Mask, Point, Polygon, Shape
+from firmware_app.types import Frame, Result
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,7 @@ def result_json(r: Result) -> dict[str, Any]:
         ],
         "centroid": None if r.centroid is None else [float(r.centroid[0]), float(r.centroid[1])],
         "area_fraction": None if r.area_fraction is None else float(r.area_fraction),
+        "points": [{"x": float(p.x), "y": float(p.y), "label": p.label, "score": p.score} for p in r.points],
         # what the finding stage decided (tasks.finding): a capture says whether the AI had paused
         "state": r.state,
         "gate": None if r.gate is None else [float(r.gate[0]), float(r.gate[1])],
@@ -310,10 +312,17 @@ def result_json(r: Result) -> dict[str, Any]:
 
 
 def _result_from(d: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Result:
-    contours: tuple[np.ndarray, ...] = ()
+    shapes: list[Shape] = []
+    if "heatmap" in arrays:
+        shapes.append(Heatmap(arrays["heatmap"]))
+    if "mask" in arrays:
+        c = d["centroid"]
+        shapes.append(Mask(arrays["mask"], None if c is None else (c[0], c[1]), d["area_fraction"]))
     if "contours" in arrays:
         flat, lengths = arrays["contours"], arrays["contour_lengths"]
-        contours = tuple(np.split(flat, np.cumsum(lengths)[:-1])) if len(lengths) else ()
+        shapes += [Polygon(c) for c in (np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else ())]
+    shapes += [BoxShape(**b) for b in d["boxes"]]
+    shapes += [Point(**p) for p in d.get("points") or ()]  # captures made before points have none
     return Result(
         frame_id=int(d["frame_id"]),
         task=d["task"],
@@ -321,12 +330,7 @@ def _result_from(d: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Resu
         confidence=d["confidence"],
         alert=bool(d["alert"]),
         probabilities=dict(d["probabilities"]),
-        mask=arrays.get("mask"),
-        contours=contours,
-        heatmap=arrays.get("heatmap"),
-        boxes=tuple(Box(**b) for b in d["boxes"]),
-        centroid=None if d["centroid"] is None else (d["centroid"][0], d["centroid"][1]),
-        area_fraction=d["area_fraction"],
+        shapes=tuple(shapes),
         state=str(d.get("state", "")),  # captures made before the finding stage have none
         gate=None if d.get("gate") is None else (float(d["gate"][0]), float(d["gate"][1])),
         size=None if d.get("size") is None else (float(d["size"][0]), str(d["size"][1])),

@@ -638,8 +638,39 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
     def tracking(n: int) -> Any:
         return hd.sr.TrackingIdentifier(uid=_uid(eq, cap.id, "finding", str(n)), identifier=f"AI finding {n}")
 
+    def named(measurements: Any) -> list[Any]:
+        """The result's named measurements (a task's own: an angle, a distance), local codes, UCUM units."""
+        return [
+            hd.sr.Measurement(
+                name=hd.sr.CodedConcept(value=k[:16], scheme_designator="99FWAPP", meaning=k[:64]),
+                value=round(float(v), 3),
+                unit=hd.sr.CodedConcept(
+                    value="1" if u == "fraction" else u, scheme_designator="UCUM", meaning=u
+                ),
+            )
+            for k, (v, u) in measurements.items()
+        ]
+
+    # what the SR says is read from the result's shapes (firmware_app.shapes), never from its task
     groups: list[Any] = []
     image_ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
+    if r is not None and r.points:
+        for n, p in enumerate(r.points, start=1):
+            region = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POINT,
+                graphic_data=np.array([[float(p.x), float(p.y)]], np.float32),
+                source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+            )
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking(n),
+                    referenced_region=region,
+                    finding_type=_code(p.label or r.label or "point"),
+                    algorithm_id=algorithm,
+                    measurements=[*confidence(r.confidence if p.score is None else p.score)]
+                    + (named(r.measurements) if n == 1 else []),
+                )
+            )
     if r is not None and r.boxes:
         for n, b in enumerate(r.boxes, start=1):
             x0, y0, x1, y1 = (float(v) for v in (b.x0, b.y0, b.x1, b.y1))
@@ -661,6 +692,8 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
                     ],
                 )
             )
+    elif r is not None and r.points:
+        pass  # the points' groups above
     elif r is not None and r.label is not None and seg is not None:
         mask_area = int(_frame_mask(cap).sum())  # type: ignore[union-attr]
         groups.append(

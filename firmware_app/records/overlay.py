@@ -2,8 +2,8 @@
 
 The frame keeps its size and position; a labelled band is added above it ("AI OVERLAY", model id and
 version, "NOT FOR DIAGNOSTIC USE" in amber when the model is not cleared) and one below it (the finding,
-its confidence, ALERT). The overlay itself is drawn like the screen draws it (same accent colour, tint and
-outline): segmentation tint + outline, boxes with their label and score, or the heatmap.
+its confidence, ALERT). The overlay itself is the result's shapes drawn by the screen's own painter
+(``display.overlay``): the same accent colour, tint, outlines, boxes, points and heatmap.
 """
 
 from __future__ import annotations
@@ -14,15 +14,8 @@ import cv2
 import numpy as np
 
 from firmware_app.display.font import draw_text, measure
-from firmware_app.display.screen import (
-    ACCENT,
-    ACCENT_TEXT,
-    ALERT,
-    AMBER,
-    AMBER_TEXT,
-    HEATMAP_ALPHA,
-    SEG_ALPHA,
-)
+from firmware_app.display.overlay import OverlayPainter, Style
+from firmware_app.display.screen import ALERT, AMBER, AMBER_TEXT
 from firmware_app.types import Result
 
 BAND_BG = (30, 25, 21)
@@ -42,36 +35,10 @@ def _as_bgr(pixels: np.ndarray) -> np.ndarray:
 
 
 def draw_result(image: np.ndarray, result: Result) -> np.ndarray:
-    """Draw ``result`` onto ``image`` (BGR uint8, same size as the frame it was computed on), in place."""
+    """Draw ``result``'s shapes onto ``image`` (BGR uint8, the frame it was computed on), in place: the
+    screen's painter (``display.overlay``) at the frame's own size."""
     h, w = image.shape[:2]
-    line = max(1, int(round(1.6 * min(w, h) / 480)))
-    if result.heatmap is not None and np.asarray(result.heatmap).size:
-        heat = np.clip(np.asarray(result.heatmap, np.float32).squeeze(), 0.0, 1.0)
-        heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
-        color = cv2.applyColorMap((heat * 255 + 0.5).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
-        a = (heat * HEATMAP_ALPHA)[:, :, None]
-        image[...] = (image * (1 - a) + color * a + 0.5).astype(np.uint8)
-    m = result.mask_at(w, h)
-    if m is not None:
-        if m.any():
-            tint = cv2.addWeighted(image, 1 - SEG_ALPHA, np.full_like(image, ACCENT), SEG_ALPHA, 0)
-            cv2.copyTo(tint, m, image)
-            found, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(image, found, -1, ACCENT, line, cv2.LINE_AA)
-    elif result.contours:
-        polys = [np.asarray(c, np.int32).reshape(-1, 1, 2) for c in result.contours]
-        cv2.polylines(image, polys, True, ACCENT, line, cv2.LINE_AA)
-    size = max(9, int(round(13 * min(w, h) / 480)))
-    for b in result.boxes:
-        x0, y0 = int(round(b.x0)), int(round(b.y0))
-        x1, y1 = int(round(b.x1)) - 1, int(round(b.y1)) - 1
-        cv2.rectangle(image, (x0, y0), (x1, y1), ACCENT, line, cv2.LINE_AA)
-        tag = f"{b.label} {b.score * 100:.0f}%"
-        tw, th = measure(tag, size)
-        ty = y0 - th if y0 - th >= 0 else y0
-        tx = min(max(x0, 0), max(w - tw - 4, 0))
-        cv2.rectangle(image, (tx, ty), (tx + tw + 3, ty + th - 1), ACCENT, -1)
-        draw_text(image, tag, tx + 2, ty, size, ACCENT_TEXT)
+    OverlayPainter().paint(image, result.shapes, (w, h), Style.for_size(w, h))
     return image
 
 

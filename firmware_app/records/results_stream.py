@@ -4,11 +4,12 @@ One JSON object per analysed frame, one line each, flushed per line (../shared/D
 ``frame_id``, ``time`` (UTC ISO 8601), ``source`` {uri, path, frame_index}, ``model`` ("id@version"),
 ``backend``, ``state`` (finding | no_finding | unlike_training_data | ai_off), ``label``, ``confidence``,
 ``alert``, ``size`` {value, unit}, ``boxes`` (source pixels), ``gate`` {score, threshold}, ``imaging_region``,
-``region_from``, ``mm_per_px``, ``shown``; and, beyond the contract, ``reason`` (why the AI paused) and
-``measurements`` {name: {value, unit}}.
+``region_from``, ``mm_per_px``, ``shown``; and, beyond the contract, ``points`` ([{x, y, score, label}],
+source pixels), ``reason`` (why the AI paused) and ``measurements`` {name: {value, unit}}.
 
-Geometry is in *source* pixels: a frame's pixels are its imaging region, so boxes are moved by the
-region's origin. No patient identifier is ever written: the source is named by its URI and file path,
+What it writes comes from the result's shapes and measurements (``firmware_app.shapes``), never from the
+task: boxes are its ``BoxShape``s, points its ``Point``s. Geometry is in *source* pixels: a frame's pixels
+are its imaging region, so boxes and points are moved by the region's origin. No patient identifier is ever written: the source is named by its URI and file path,
 never by anything from a DICOM header.
 """
 
@@ -71,6 +72,10 @@ def result_record(
                 "label": b.label,
             }
             for b in result.boxes
+        ],
+        "points": [
+            {"x": _r(p.x + ox, 1), "y": _r(p.y + oy, 1), "score": _r(p.score), "label": p.label}
+            for p in result.points
         ],
         "gate": None
         if result.gate is None

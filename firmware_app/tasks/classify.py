@@ -3,7 +3,7 @@
 Label 0 is the negative class ("absent", "normal") when there are two or more labels; the finding is the
 most probable of the others and raises the alert when its probability reaches the threshold. A second
 output named by ``[output] heatmap_output`` is a spatial map ([1, h, w] or [1, h, w, C]) drawn on screen
-when the finding raises the alert (a map of "where" has no meaning without a finding).
+when the finding raises the alert (a map of "where" has no meaning without a finding): a ``Heatmap`` shape.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import Manifest
+from firmware_app.shapes import Heatmap
 from firmware_app.tasks import Task, register
 from firmware_app.tasks.calibrate import probabilities
 from firmware_app.types import Result
@@ -61,7 +62,7 @@ class Classifier(Task):
         conf = float(probs[k])
         alert = conf >= threshold
         top = int(np.argmax(probs))
-        heatmap = None
+        shapes: tuple[Heatmap, ...] = ()
         if (
             self.hm_spec is not None and alert
         ):  # where the model sees the finding; nothing to show without one
@@ -69,7 +70,8 @@ class Classifier(Task):
             if h.ndim == 3:
                 h = h[..., min(k, h.shape[-1] - 1)]
             lo, hi = float(h.min()), float(h.max())
-            heatmap = ((h - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(h)
+            heat = ((h - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(h)
+            shapes = (Heatmap(heat),)
         return Result(
             frame_id=frame_id,
             task="classification",
@@ -77,5 +79,5 @@ class Classifier(Task):
             confidence=conf if alert else float(probs[top]),
             alert=alert,
             probabilities={lab: float(p) for lab, p in zip(labels, probs)},
-            heatmap=heatmap,
+            shapes=shapes,
         )

@@ -5,7 +5,7 @@ Layouts (``[output] layout``):
   ymax, xmax, normalised), classes [1, N], scores [1, N], count [1]. Class k is ``labels[k]``.
 - ``boxes_scores``: raw boxes [1, N, 4] (same convention) and scores [1, N, C] over the labels, label 0 being
   the background; the best non-background class per box, then non-maximum suppression (IoU 0.5).
-Every box at or above the threshold in force is kept: no fixed cap.
+Every box at or above the threshold in force is kept: no fixed cap. Shapes: one ``BoxShape`` per box, best first.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import numpy as np
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import Manifest
+from firmware_app.shapes import BoxShape
 from firmware_app.tasks import Task, register
 from firmware_app.tasks.calibrate import probabilities, quantized_table
-from firmware_app.types import Box, Result
+from firmware_app.types import Result
 
 NMS_IOU = 0.5
 
@@ -129,7 +130,9 @@ class Detector(Task):
             c = int(cls[i])
             label = labels[c] if 0 <= c < len(labels) else f"class {c}"
             out.append(
-                Box(float(x0 * fw), float(y0 * fh), float(x1 * fw), float(y1 * fh), float(scores[i]), label)
+                BoxShape(
+                    float(x0 * fw), float(y0 * fh), float(x1 * fw), float(y1 * fh), float(scores[i]), label
+                )
             )
         top = out[0] if out else None
         return Result(
@@ -138,6 +141,5 @@ class Detector(Task):
             label=top.label if top else None,
             confidence=top.score if top else (float(scores.max()) if scores.size else 0.0),
             alert=top is not None,
-            boxes=tuple(out),
-            centroid=((top.x0 + top.x1) / 2, (top.y0 + top.y1) / 2) if top else None,
+            shapes=tuple(out),  # the top box first: the result's centroid is its centre
         )

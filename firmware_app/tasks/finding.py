@@ -110,6 +110,7 @@ class FindingStage:
         if not on:
             bare = _bare(result, "no_finding", gate)
             return replace(bare, confidence=result.confidence)
+        measurements = {**result.measurements, **measurements}  # a task's own, then the size's
         return replace(result, state="finding", alert=True, gate=gate, size=size, measurements=measurements)
 
     # -- persistence --
@@ -134,7 +135,7 @@ class FindingStage:
         depth0 = float(frame.meta.get("depth_origin_y") or 0.0)
         depth_ok = mm is not None and frame.meta.get("Modality") not in _PROJECTION
         area_px = float(frame.width * frame.height)
-        if result.mask is not None and result.area_fraction:  # a region: its area and extent
+        if result.area_fraction:  # a region (a Mask): its area, extent and depth
             frac = float(result.area_fraction)
             size = (frac * area_px * mm[0] * mm[1], "mm2") if mm else (frac, "fraction")
             meas: dict[str, tuple[float, str]] = {}
@@ -150,10 +151,10 @@ class FindingStage:
             if not self._big_enough(frac, size[0] if mm else None):
                 return replace(result, alert=False, label=None), size, meas
             return result, size, meas
-        if result.boxes:  # boxes: each one's size
+        if result.boxes:  # boxes: the ones big enough, measured by the top one
             kept = tuple(b for b in result.boxes if self._big_enough(*_box_size(b, area_px, mm)))
             if not kept:
-                return replace(result, alert=False, label=None, boxes=(), centroid=None), None, {}
+                return replace(result, alert=False, label=None, shapes=_with_boxes(result, ())), None, {}
             top = kept[0]
             frac, mm2 = _box_size(top, area_px, mm)
             size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
@@ -165,7 +166,8 @@ class FindingStage:
                 }
                 if depth_ok:
                     meas["depth"] = (max(0.0, ((top.y0 + top.y1) / 2 - depth0) * mm[1]), "mm")
-            return replace(result, boxes=kept, label=top.label, confidence=top.score), size, meas
+            shapes = _with_boxes(result, kept)
+            return replace(result, shapes=shapes, label=top.label, confidence=top.score), size, meas
         return result, None, {}
 
     def _big_enough(self, fraction: float, mm2: float | None) -> bool:
@@ -187,6 +189,11 @@ def _box_size(b: Box, area_px: float, mm: tuple[float, float] | None) -> tuple[f
     return w * h / area_px, (w * h * mm[0] * mm[1] if mm else None)
 
 
+def _with_boxes(result: Result, boxes: tuple[Box, ...]) -> tuple:
+    """``result``'s shapes with its boxes replaced by ``boxes`` (the others kept, in order)."""
+    return tuple(s for s in result.shapes if not isinstance(s, Box)) + boxes
+
+
 def _bare(result: Result, state: str, gate: tuple[float, float] | None, paused: str | None = None) -> Result:
     """``result`` without a finding: no label, no shapes, no alert."""
     return replace(
@@ -195,12 +202,7 @@ def _bare(result: Result, state: str, gate: tuple[float, float] | None, paused: 
         label=None,
         confidence=None,
         alert=False,
-        mask=None,
-        contours=(),
-        heatmap=None,
-        boxes=(),
-        centroid=None,
-        area_fraction=None,
+        shapes=(),
         gate=gate,
         size=None,
         measurements={},

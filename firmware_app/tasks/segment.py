@@ -2,8 +2,9 @@
 
 One output channel is the probability of ``labels[1]``; C channels are one per label and the finding is the
 non-background label with the largest area. Everything runs at the model's resolution: the mask stays there
-(``Result.mask_at`` stretches it when a full-size copy is wanted), contours and centroid are scaled to frame
-coordinates as numbers.
+(``Result.mask_at`` stretches it when a full-size copy is wanted), its outline polygons and centroid are
+scaled to frame coordinates as numbers. Shapes: one ``Mask`` (with centroid and area fraction), then one
+``Polygon`` per region.
 
 The mask is the pixels above the manifest's ``[finding] pixel_threshold``. The *finding's* confidence is not
 a pixel's: it is the calibrated probability that the finding is present at all,
@@ -21,6 +22,7 @@ import numpy as np
 from firmware_app.backends.base import TensorSpec
 from firmware_app.errors import BadModel
 from firmware_app.models.manifest import FindingRules, Manifest
+from firmware_app.shapes import Mask, Polygon
 from firmware_app.tasks import Task, register
 from firmware_app.tasks.calibrate import logit, probabilities, quantized_table, sigmoid
 from firmware_app.types import Result
@@ -115,15 +117,14 @@ class Segmenter(Task):
                 confidence=confidence,
                 alert=False,
                 probabilities=max_per_label,
-                mask=small,
-                area_fraction=0.0,
+                shapes=(Mask(small, None, 0.0),),
             )
         sx, sy = fw / mw, fh / mh
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         scale = np.array([sx, sy], np.float32)
         offset = np.array([sx / 2, sy / 2], np.float32)  # pixel centres
-        frame_contours = tuple(
-            (c.reshape(-1, 2).astype(np.float32) * scale + offset).astype(np.int32) for c in contours
+        outlines = tuple(
+            Polygon((c.reshape(-1, 2).astype(np.float32) * scale + offset).astype(np.int32)) for c in contours
         )
         centroid = ((mom["m10"] / mom["m00"] + 0.5) * sx, (mom["m01"] / mom["m00"] + 0.5) * sy)
         candidate = confidence >= threshold
@@ -134,8 +135,8 @@ class Segmenter(Task):
             confidence=confidence,
             alert=candidate,  # the finding rules (size, persistence) decide whether it alerts
             probabilities=max_per_label,
-            mask=small,
-            contours=frame_contours,
-            centroid=(float(centroid[0]), float(centroid[1])),
-            area_fraction=float(mom["m00"]) / small.size,
+            shapes=(
+                Mask(small, (float(centroid[0]), float(centroid[1])), float(mom["m00"]) / small.size),
+                *outlines,
+            ),
         )

@@ -187,7 +187,7 @@ def _sr_items(ds: pydicom.Dataset) -> list[tuple[str, str]]:
 def test_sr_names_the_model_version_finding_and_confidence(exported: dict) -> None:
     sr = _by_capture(exported, "dicom_seg")["sr"]
     items = _sr_items(sr)
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR (2D coordinates only)
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert ("Algorithm Name", MODEL.id) in items and ("Algorithm Version", MODEL.version) in items
     assert ("Finding", "fluid") in items
@@ -447,3 +447,33 @@ def test_source_without_patient_and_study_ids_still_exports(tmp_path: Path) -> N
         for p in (tmp_path / "out").rglob("*"):
             if p.is_file():
                 assert _dciodvfy_errors(p) == [], p
+
+
+def test_every_sr_is_comprehensive_sr_and_3d_only_for_scoord3d(exported: dict) -> None:
+    import highdicom as hd
+
+    from firmware_app.records.export import sr_class
+
+    srs = [ds for ds in _instances(exported["root"] / "stick") if ds.Modality == "SR"]
+    assert srs and {ds.SOPClassUID for ds in srs} == {"1.2.840.10008.5.1.4.1.1.88.33"}
+    # the class follows the content: 2D SCOORD -> Comprehensive SR, SCOORD3D -> Comprehensive 3D SR
+    name = hd.sr.CodedConcept("111030", "DCM", "Image Region")
+    points = np.array([[1.0, 1.0], [5.0, 1.0], [5.0, 5.0], [1.0, 1.0]], np.float32)
+    planar = hd.sr.ScoordContentItem(
+        name,
+        hd.sr.GraphicTypeValues.POLYLINE,
+        points,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    volume = hd.sr.Scoord3DContentItem(
+        name,
+        hd.sr.GraphicTypeValues3D.POLYLINE,
+        np.array([[1.0, 1.0, 0.0], [5.0, 1.0, 0.0], [5.0, 5.0, 0.0]], np.float64),
+        "1.2.3.4",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container = hd.sr.ContainerContentItem(hd.sr.CodedConcept("126010", "DCM", "Imaging Measurements"))
+    container.ContentSequence = hd.sr.ContentSequence([planar])
+    assert sr_class([container]) is hd.sr.ComprehensiveSR
+    container.ContentSequence.append(volume)
+    assert sr_class([container]) is hd.sr.Comprehensive3DSR

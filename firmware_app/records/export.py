@@ -12,10 +12,12 @@ Per capture (all in the capture's study; every reference by UID):
    Annotation YES, Image Comments saying the same, Source Image Sequence -> the source image;
 3. a **Segmentation** (highdicom, BINARY, one segment) when the result has a non-empty mask: same rows and
    columns as the source image, referencing it;
-4. a **Comprehensive 3D SR** (highdicom TID 1500 Measurement Report) with one measurement group per
+4. a **Comprehensive SR** (highdicom TID 1500 Measurement Report) with one measurement group per
    finding: the region (the SEG segment for segmentation; the box as an SCOORD polyline for detection; the
    image for classification), the finding, its confidence (DCM 111012 "Certainty of Finding", %), the area,
    and the algorithm identification (model id + version); the observer is the device (Device UID).
+   Only 2D coordinates (SCOORD) are used: Comprehensive 3D SR (which a PACS's default storescu
+   presentation contexts lack) would be chosen only for content with SCOORD3D (``sr_class``).
 
 SEG, SR and the overlay carry the IHE AI Results contributing-equipment item: Manufacturer, Manufacturer's
 Model Name = model id, Software Versions = model version, Device UID = this device, Purpose of Reference
@@ -713,7 +715,7 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
         imaging_measurements=groups,
     )
     evidence = [source] + ([seg] if seg is not None else [])
-    sr = hd.sr.Comprehensive3DSR(
+    sr = sr_class(report)(
         evidence=evidence,
         content=report,
         series_instance_uid=_uid(eq, cap.study.study_uid, "sr", "series"),
@@ -730,6 +732,22 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
     sr.SpecificCharacterSet = "ISO_IR 192"
     _drop_segment_numbers_beside_frames(sr)
     return sr
+
+
+def uses_3d_coordinates(content: Any) -> bool:
+    """Whether an SR content tree holds a SCOORD3D item (anywhere below ``content``)."""
+    for item in content.get("ContentSequence", []) if hasattr(content, "get") else content:
+        if item.get("ValueType") == "SCOORD3D" or uses_3d_coordinates(item):
+            return True
+    return False
+
+
+def sr_class(content: Any) -> type:
+    """Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33, in every PACS's default presentation contexts)
+    unless the content uses 3D coordinates, which only Comprehensive 3D SR (.88.34) allows."""
+    import highdicom as hd
+
+    return hd.sr.Comprehensive3DSR if uses_3d_coordinates(content) else hd.sr.ComprehensiveSR
 
 
 def _drop_segment_numbers_beside_frames(ds: Any) -> None:

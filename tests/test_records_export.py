@@ -477,3 +477,58 @@ def test_every_sr_is_comprehensive_sr_and_3d_only_for_scoord3d(exported: dict) -
     assert sr_class([container]) is hd.sr.ComprehensiveSR
     container.ContentSequence.append(volume)
     assert sr_class([container]) is hd.sr.Comprehensive3DSR
+
+
+# Type 2 attributes (present, empty when unknown) of the objects the export writes; Patient Orientation is
+# Type 2C, required for these images (they have no Image Orientation/Position (Patient))
+TYPE_2 = frozenset(
+    "PatientName PatientID PatientBirthDate PatientSex ReferringPhysicianName AccessionNumber StudyID "
+    "StudyDate StudyTime PatientOrientation".split()
+)
+
+
+def _empty_elements(ds: pydicom.Dataset, path: str = "") -> list[str]:
+    out = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                out += _empty_elements(item, f"{path}{elem.keyword}>")
+        elif elem.tag.group != 0x0002 and elem.is_empty:
+            out.append(path + (elem.keyword or str(elem.tag)))
+    return out
+
+
+@pytest.mark.parametrize("which", ["stick", "deid", "feedback/DICOM"])
+def test_optional_attributes_are_absent_not_empty(exported: dict, which: str) -> None:
+    datasets = _instances(exported["root"] / which)
+    assert datasets
+    for ds in datasets:
+        # Laterality (Type 2C) is present, empty, only when the body part examined is unknown (may be paired)
+        allowed = TYPE_2 | ({"Laterality"} if "BodyPartExamined" not in ds else set())
+        assert [e for e in _empty_elements(ds) if e not in allowed] == [], ds.SOPClassUID.name
+
+
+def test_laterality_is_absent_for_a_body_part_that_is_not_paired(exported: dict, tmp_path: Path) -> None:
+    cr = _by_capture(exported, "dicom_cr")  # the radiograph's header says CHEST
+    for role in ("source", "overlay"):
+        assert cr[role].BodyPartExamined == "CHEST" and "Laterality" not in cr[role], role
+    # stated by the source: carried over; a paired body part without it: present, empty (unknown)
+    ds = pydicom.dcmread(pydicom_data_file("RG1_UNCI.dcm"))
+    data = tmp_path / "data"
+    rec = Recorder(data, model=MODEL)
+    for body_part, laterality in (("BREAST", "L"), ("KNEE", None)):
+        ds.BodyPartExamined = body_part
+        if laterality:
+            ds.Laterality = laterality
+        elif "Laterality" in ds:
+            del ds.Laterality
+        path = tmp_path / f"{body_part}.dcm"
+        ds.save_as(path)
+        px, meta = next(load_frames(path))
+        rec.capture(frame(px, 0, meta), None)
+    report = export_fileset(data, tmp_path / "out")
+    got = {}
+    for e in report.exported:
+        src = pydicom.dcmread(tmp_path / "out" / e.files[0])
+        got[src.BodyPartExamined] = src.Laterality
+    assert got == {"BREAST": "L", "KNEE": ""}

@@ -285,7 +285,7 @@ def _common(
     ds.ContentTime = when.strftime("%H%M%S.%f")[:13]
     ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
     ds.PatientOrientation = ""
-    ds.Laterality = ""  # Type 2C: unknown (a point-of-care frame carries no laterality)
+    _laterality(ds, cap.dicom_header)
     if derived_from is not None:
         cls, uid, frame = derived_from
         item = Dataset()
@@ -295,6 +295,31 @@ def _common(
             item.ReferencedFrameNumber = frame
         ds.SourceImageSequence = [item]
     return ds
+
+
+# Body Part Examined values (PS3.16 Annex L) of paired structures: Laterality applies to them
+PAIRED_BODY_PARTS = frozenset(
+    "BREAST EYE EAR KIDNEY LUNG ADRENAL OVARY TESTIS FALLOPIANTUBE SHOULDER CLAVICLE SCAPULA ARM UPRARM "
+    "ELBOW FOREARM WRIST HAND FINGER THUMB HIP THIGH FEMUR KNEE PATELLA LEG TIBIA FIBULA ANKLE FOOT HEEL TOE "
+    "UPRLIMB LOWLIMB EXTREMITY AXILLA PAROTID SUBMANDIBULAR JAW TMJ ORBIT".split()
+)
+
+
+def _laterality(ds: Any, header: Any) -> None:
+    """General Series Laterality (Type 2C: required when the body part examined is a paired structure).
+
+    The source file's value when it states one (R or L); absent when the source names a body part that is
+    not paired (optional attributes are left out, not written empty); present and empty ("unknown") only
+    when nothing says which body part it is, so that it may be a paired one (a video frame).
+    """
+    stated = str(header.get("Laterality") or "").strip().upper() if header is not None else ""
+    body_part = str(header.get("BodyPartExamined") or "").strip().upper() if header is not None else ""
+    if body_part:
+        ds.BodyPartExamined = body_part[:16]
+    if stated in ("R", "L"):
+        ds.Laterality = stated
+    elif not body_part or body_part in PAIRED_BODY_PARTS:
+        ds.Laterality = ""
 
 
 def _instance_number(capture_id: str) -> int:

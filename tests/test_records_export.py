@@ -532,3 +532,48 @@ def test_laterality_is_absent_for_a_body_part_that_is_not_paired(exported: dict,
         src = pydicom.dcmread(tmp_path / "out" / e.files[0])
         got[src.BodyPartExamined] = src.Laterality
     assert got == {"BREAST": "L", "KNEE": ""}
+
+
+def _numbers_by_series(folder: Path) -> dict[str, list[tuple[str, int]]]:
+    series: dict[str, list[tuple[str, int]]] = {}
+    for ds in _instances(folder):
+        series.setdefault(ds.SeriesInstanceUID, []).append((ds.SOPInstanceUID, int(ds.InstanceNumber)))
+    return series
+
+
+@pytest.mark.parametrize("which", ["stick", "deid", "feedback/DICOM"])
+def test_instance_numbers_are_unique_within_each_series(exported: dict, which: str) -> None:
+    series = _numbers_by_series(exported["root"] / which)
+    assert series
+    for uid, items in series.items():
+        numbers = [n for _, n in items]
+        assert len(numbers) == len(set(numbers)), (uid, sorted(numbers))
+        assert min(numbers) >= 1
+
+
+def test_instance_numbers_stay_the_same_on_export_again_and_are_never_reused(
+    exported: dict, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(exported["data"], data)
+    first = {uid: n for items in _numbers_by_series(exported["root"] / "stick").values() for uid, n in items}
+    export_fileset(data, tmp_path / "again", include_exported=True)
+    again = {uid: n for items in _numbers_by_series(tmp_path / "again").values() for uid, n in items}
+    assert again == first
+    # captures of the same study after a purge get new numbers, not those of the purged ones
+    video = _by_capture(exported, "video_seg")["source"]
+    Recorder(data).purge_exported()
+    rec = Recorder(data, model=MODEL)
+    new = [
+        rec.capture(frame(np.full((64, 64), 90, np.uint8), 0, {"phantom": "ultrasound"}), None)
+        for _ in range(2)
+    ]
+    report = export_fileset(data, tmp_path / "later")
+    assert [e.capture_id for e in report.exported] == new
+    used = {n for items in _numbers_by_series(exported["root"] / "stick").values() for _, n in items}
+    later = [pydicom.dcmread(tmp_path / "later" / e.files[0]) for e in report.exported]
+    assert {ds.StudyInstanceUID for ds in later} == {video.StudyInstanceUID}
+    assert len({int(ds.InstanceNumber) for ds in later}) == 2
+    assert not {int(ds.InstanceNumber) for ds in later} & used
+    text = (data / "captures" / "instance-numbers.json").read_text()
+    assert video.StudyInstanceUID not in text

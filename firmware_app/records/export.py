@@ -56,7 +56,8 @@ the date the image was acquired") is set from the region, for plain and de-ident
   line prints one line for each, with the capture id only).
 
 UIDs are derived from the device UID, the capture id and the object's role, so exporting a capture again
-gives the same UIDs (a PACS then keeps one copy). Only after the whole File-set is written and fsynced are
+gives the same UIDs (a PACS then keeps one copy). Instance Numbers are unique within each series and
+also the same again (``InstanceNumbers``: a per-study counter kept in the data folder). Only after the whole File-set is written and fsynced are
 the captures marked exported; nothing is deleted here (see ``CaptureStore.purge_exported``).
 """
 
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -91,7 +93,7 @@ from firmware_app.records.captures import (
 from firmware_app.records.crypto import device_secret, device_uid, uid_from_bytes
 from firmware_app.records.deid import Deidentifier
 from firmware_app.records.errors import ExportFailed, ExportTargetError, RecordsError
-from firmware_app.records.fsutil import fsync_dir
+from firmware_app.records.fsutil import fsync_dir, write_replace
 from firmware_app.records.overlay import render_overlay
 
 log = logging.getLogger(__name__)
@@ -322,8 +324,55 @@ def _laterality(ds: Any, header: Any) -> None:
         ds.Laterality = ""
 
 
+class InstanceNumbers:
+    """Instance Numbers unique within each of the device's series, and the same when a capture is exported
+    again (like its UIDs): one counter per study (all the device's series of a study are numbered together,
+    one number per capture, shared by its source, overlay, SEG and SR), kept in
+    ``<data-dir>/captures/instance-numbers.json``. A capture gets the next number of its study the first
+    time it is exported, in capture order; a purged capture's number is never given again. The file holds
+    no identifiers: a study is named by a keyed hash of its Study Instance UID (and the export kind)."""
+
+    FILE = "instance-numbers.json"
+
+    def __init__(self, store: CaptureStore) -> None:
+        self.path = store.dir / self.FILE
+        self._key = device_secret(store.data_dir, "instance numbers")
+        self._dirty = False
+        try:
+            doc = json.loads(self.path.read_text())
+            self._studies: dict[str, dict[str, Any]] = dict(doc.get("studies", {}))
+        except FileNotFoundError:
+            self._studies = {}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ExportFailed(f"{self.path}: unreadable ({exc}); restore it or move it away") from None
+
+    def _study(self, kind: str, study_uid: str) -> dict[str, Any]:
+        name = hmac.new(self._key, f"{kind}\0{study_uid}".encode(), hashlib.sha256).hexdigest()[:24]
+        return self._studies.setdefault(name, {"next": 1, "captures": {}})
+
+    def number(self, kind: str, study_uid: str, capture_id: str) -> int:
+        study = self._study(kind, study_uid)
+        n = study["captures"].get(capture_id)
+        if n is None:
+            n = int(study["next"])
+            study["captures"][capture_id] = n
+            study["next"] = n + 1
+            self._dirty = True
+        return int(n)
+
+    def save(self) -> None:
+        """Persist (atomically, durably) the numbers given; before any capture is marked exported."""
+        if self._dirty:
+            doc = {"format": "firmware-app-instance-numbers/1", "studies": self._studies}
+            write_replace(
+                self.path, (json.dumps(doc, sort_keys=True) + "\n").encode(), what="instance numbers"
+            )
+            self._dirty = False
+
+
 def _instance_number(capture_id: str) -> int:
-    """Stable, ordered within a day: seconds of the UTC day of the capture id (YYYYMMDD-HHMMSS-xxxxxx) + 1."""
+    """Without an export's numbering (``InstanceNumbers``): seconds of the UTC day of the capture id
+    (YYYYMMDD-HHMMSS-xxxxxx) + 1, which two captures of a study can share."""
     try:
         hms = capture_id.split("-")[1]
         return int(hms[:2]) * 3600 + int(hms[2:4]) * 60 + int(hms[4:6]) + 1
@@ -787,12 +836,19 @@ def _drop_segment_numbers_beside_frames(ds: Any) -> None:
         _drop_segment_numbers_beside_frames(item)
 
 
-def build_instances(cap: Capture, eq: Equipment, include_ai: bool = True) -> dict[str, Any]:
-    """role -> dataset for one capture: source, and (``include_ai``) overlay, seg (if a mask), sr."""
+def build_instances(
+    cap: Capture, eq: Equipment, include_ai: bool = True, instance_number: int | None = None
+) -> dict[str, Any]:
+    """role -> dataset for one capture: source, and (``include_ai``) overlay, seg (if a mask), sr; all with
+    ``instance_number`` (from ``InstanceNumbers``) when given."""
     with warnings.catch_warnings():
         # highdicom's advice on single-component person names in source data: not ours to change
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        return _build_instances(cap, eq, include_ai)
+        out = _build_instances(cap, eq, include_ai)
+    if instance_number is not None:
+        for ds in out.values():
+            ds.InstanceNumber = int(instance_number)
+    return out
 
 
 def _build_instances(cap: Capture, eq: Equipment, include_ai: bool) -> dict[str, Any]:
@@ -981,13 +1037,15 @@ def _export_batch(
     staging = Path(tempfile.mkdtemp(prefix=".fwapp-staging-", dir=out))
     try:
         fs, existing = _open_fileset(out, staging)
+        numbers = InstanceNumbers(store)
         # capture id, role -> SOP Instance UID, finding, why its pixels are not clean ("": they are)
         staged: list[tuple[str, dict[str, str], str, str]] = []
         for info in infos:
             try:
                 cap = store.load(info.id)
                 include_ai = include_silent_results or not cap.silent_trial
-                instances = build_instances(cap, eq, include_ai=include_ai)
+                number = numbers.number(kind, cap.study.study_uid, cap.id)
+                instances = build_instances(cap, eq, include_ai=include_ai, instance_number=number)
                 why_not_clean = ""
                 if deid is not None:
                     region = pixel_region(cap)
@@ -1030,6 +1088,10 @@ def _export_batch(
             done.append(ExportedCapture(cid, files, uids, finding, deidentified=clean))
         report.dicomdir = out / "DICOMDIR"
         _fsync_files([*written, report.dicomdir])
+        try:
+            numbers.save()
+        except RecordsError as exc:
+            raise ExportFailed(f"{exc}; this batch was not marked exported") from None
         if before_mark is not None:
             before_mark(done)
         for item in done:

@@ -190,7 +190,7 @@ def test_sr_names_the_model_version_finding_and_confidence(exported: dict) -> No
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR (2D coordinates only)
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert ("Algorithm Name", MODEL.id) in items and ("Algorithm Version", MODEL.version) in items
-    assert ("Finding", "fluid") in items
+    assert ("Finding", "Body fluid") in items  # SCT 32457005
     assert ("Certainty of Finding", "87.0") in items
     assert ("Referenced Segmentation Frame", "") in items
     ai = [
@@ -202,7 +202,7 @@ def test_sr_names_the_model_version_finding_and_confidence(exported: dict) -> No
     assert model_item.SoftwareVersions == MODEL.version and model_item.DeviceUID.startswith("2.25.")
     # one group per finding: the box of the detection capture is an SCOORD polyline
     box_items = _sr_items(_by_capture(exported, "dicom_cine_box")["sr"])
-    assert ("Image Region", "POLYLINE") in box_items and ("Finding", "lesion") in box_items
+    assert ("Image Region", "POLYLINE") in box_items and ("Finding", "Lesion") in box_items
     none_items = _sr_items(_by_capture(exported, "video_none")["sr"])
     assert ("Finding", "All algorithms succeeded; without findings") in none_items
 
@@ -577,3 +577,80 @@ def test_instance_numbers_stay_the_same_on_export_again_and_are_never_reused(
     assert not {int(ds.InstanceNumber) for ds in later} & used
     text = (data / "captures" / "instance-numbers.json").read_text()
     assert video.StudyInstanceUID not in text
+
+
+STANDARD_SCHEMES = {"DCM", "SCT", "UCUM", "RFC5646"}  # PS3.16 Table 8-1: need no declaring
+
+
+def _codes(ds: pydicom.Dataset) -> list[tuple[str, str, str]]:
+    out = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                if "CodeValue" in item and "CodingSchemeDesignator" in item:
+                    out.append((item.CodeValue, item.CodingSchemeDesignator, item.get("CodeMeaning", "")))
+                out += _codes(item)
+    return out
+
+
+def _declared(ds: pydicom.Dataset) -> set[str]:
+    return {i.CodingSchemeDesignator for i in ds.get("CodingSchemeIdentificationSequence", [])}
+
+
+@pytest.mark.parametrize("which", ["stick", "deid", "feedback/DICOM"])
+def test_codes_are_standard_or_declared(exported: dict, which: str) -> None:
+    for ds in _instances(exported["root"] / which):
+        undeclared = {c for c in _codes(ds) if c[1] not in STANDARD_SCHEMES | _declared(ds)}
+        assert undeclared == set(), ds.SOPClassUID.name
+
+
+def test_findings_have_snomed_codes(exported: dict) -> None:
+    objs = _by_capture(exported, "dicom_seg")
+    segment = objs["seg"].SegmentSequence[0]
+    assert (
+        segment.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+        segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator,
+    ) == ("32457005", "SCT")
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91720002"
+    assert ("32457005", "SCT", "Body fluid") in _codes(objs["sr"])
+    assert ("27925004", "SCT", "Nodule") in _codes(_by_capture(exported, "xray_cls")["sr"])
+    assert ("52988006", "SCT", "Lesion") in _codes(_by_capture(exported, "dicom_cine_box")["sr"])
+    for key in ("dicom_seg", "xray_cls", "dicom_cine_box"):
+        for ds in _by_capture(exported, key).values():
+            assert (
+                "99FWAPP" not in {c[1] for c in _codes(ds)} and "CodingSchemeIdentificationSequence" not in ds
+            )
+
+
+def test_labels_without_a_standard_code_get_declared_local_codes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rec = Recorder(data, model=MODEL)
+    img = np.full((96, 96), 80, np.uint8)
+    rec.capture(
+        frame(img, 0, {"phantom": "ultrasound"}),
+        Result(0, "classification", "b-lines", 0.8, True, {"b-lines": 0.8}),
+    )
+    rec.capture(
+        frame(img, 1, {"phantom": "ultrasound"}), seg_result(1, disc(img.shape, (48, 48), 20), "mystery")
+    )
+    report = export_fileset(data, tmp_path / "out")
+    assert report.failed == []
+    srs = {}
+    for ds in _instances(tmp_path / "out"):
+        local = [c for c in _codes(ds) if c[1] == "99FWAPP"]
+        if ds.Modality in ("SR", "SEG"):
+            assert local, ds.Modality
+            assert "99FWAPP" in _declared(ds)
+            item = next(
+                i for i in ds.CodingSchemeIdentificationSequence if i.CodingSchemeDesignator == "99FWAPP"
+            )
+            assert item.CodingSchemeName and item.CodingSchemeResponsibleOrganization
+        else:
+            assert not local and "CodingSchemeIdentificationSequence" not in ds
+        if ds.Modality == "SR":
+            srs[ds.SOPInstanceUID] = {c[:2] for c in local}
+    assert sorted(map(sorted, srs.values())) == [[("B-LINES", "99FWAPP")], [("MYSTERY", "99FWAPP")]]
+    if DCIODVFY:
+        for p in (tmp_path / "out").rglob("*"):
+            if p.is_file():
+                assert _dciodvfy_errors(p) == [], p

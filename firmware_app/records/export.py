@@ -177,11 +177,71 @@ def _local_time(iso_utc: str) -> datetime:
     return t.astimezone()
 
 
-def _code(label: str) -> Any:
+# model label -> (SEG segmented property category, finding / segmented property type), as
+# (code value, coding scheme, meaning); standard codes (SNOMED CT, from DICOM's CIDs 7150/7151/7159)
+# wherever one exists, a declared local code otherwise. A label not in this table gets a local code too.
+_MORPHOLOGIC = ("49755003", "SCT", "Morphologically Abnormal Structure")
+FINDING_CODES: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]] = {
+    "fluid": (("91720002", "SCT", "Body Substance"), ("32457005", "SCT", "Body fluid")),
+    "nodule": (_MORPHOLOGIC, ("27925004", "SCT", "Nodule")),
+    "lesion": (_MORPHOLOGIC, ("52988006", "SCT", "Lesion")),
+    # lung ultrasound B-lines (an artefact pattern): no SNOMED CT concept
+    "b-lines": (_MORPHOLOGIC, ("B-LINES", PRIVATE_SCHEME, "B-lines")),
+}
+LOCAL_SCHEME = {
+    "CodingSchemeDesignator": PRIVATE_SCHEME,
+    "CodingSchemeName": "firmware-app local codes for model labels",
+    "CodingSchemeResponsibleOrganization": MANUFACTURER,
+}
+
+
+def _concept(code: tuple[str, str, str]) -> Any:
     from highdicom.sr import CodedConcept
 
+    return CodedConcept(value=code[0], scheme_designator=code[1], meaning=code[2])
+
+
+def _code(label: str) -> Any:
+    """The finding's code (``FINDING_CODES``; a local code for a label without one)."""
+    known = FINDING_CODES.get(label.strip().lower())
+    if known is not None:
+        return _concept(known[1])
     value = "".join(ch if ch.isalnum() else "-" for ch in label.upper())[:16] or "FINDING"
-    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=label[:64])
+    return _concept((value, PRIVATE_SCHEME, label[:64]))
+
+
+def _category(label: str) -> Any:
+    """The SEG Segmented Property Category of a label (morphologically abnormal structure by default)."""
+    return _concept(FINDING_CODES.get(label.strip().lower(), (_MORPHOLOGIC,))[0])
+
+
+def _uses_scheme(ds: Any, scheme: str) -> bool:
+    for elem in ds:
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            if item.get("CodingSchemeDesignator") == scheme and "CodeValue" in item:
+                return True
+            if _uses_scheme(item, scheme):
+                return True
+    return False
+
+
+def _declare_local_codes(ds: Any) -> None:
+    """Coding Scheme Identification Sequence (0008,0110): the local scheme, when ``ds`` uses it."""
+    from pydicom.dataset import Dataset
+
+    if not _uses_scheme(ds, PRIVATE_SCHEME):
+        return
+    declared = [
+        i
+        for i in ds.get("CodingSchemeIdentificationSequence", [])
+        if i.get("CodingSchemeDesignator") != PRIVATE_SCHEME
+    ]
+    item = Dataset()
+    for kw, value in LOCAL_SCHEME.items():
+        setattr(item, kw, value)
+    ds.CodingSchemeIdentificationSequence = [*declared, item]
 
 
 def _file_meta(sop_class: str, sop_uid: str) -> Any:
@@ -633,7 +693,7 @@ def segmentation(cap: Capture, eq: Equipment, source: Any) -> Any | None:
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=label[:64],
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_category=_category(label),
         segmented_property_type=_code(label),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
@@ -845,8 +905,9 @@ def build_instances(
         # highdicom's advice on single-component person names in source data: not ours to change
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         out = _build_instances(cap, eq, include_ai)
-    if instance_number is not None:
-        for ds in out.values():
+    for ds in out.values():
+        _declare_local_codes(ds)
+        if instance_number is not None:
             ds.InstanceNumber = int(instance_number)
     return out
 

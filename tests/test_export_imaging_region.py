@@ -44,7 +44,11 @@ def _run_and_export(capsys, tmp_path: Path, source: Path, *export_args: str) -> 
 
 
 def _by_role(out: Path) -> dict[str, pydicom.Dataset]:
-    roles = {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.88.34": "sr"}
+    roles = {
+        "1.2.840.10008.5.1.4.1.1.66.4": "seg",
+        "1.2.840.10008.5.1.4.1.1.88.33": "sr",
+        "1.2.840.10008.5.1.4.1.1.88.34": "sr",
+    }
     found: dict[str, pydicom.Dataset] = {}
     for inst in FileSet(out / "DICOMDIR"):
         ds = inst.load()

@@ -187,10 +187,10 @@ def _sr_items(ds: pydicom.Dataset) -> list[tuple[str, str]]:
 def test_sr_names_the_model_version_finding_and_confidence(exported: dict) -> None:
     sr = _by_capture(exported, "dicom_seg")["sr"]
     items = _sr_items(sr)
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR (2D coordinates only)
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert ("Algorithm Name", MODEL.id) in items and ("Algorithm Version", MODEL.version) in items
-    assert ("Finding", "fluid") in items
+    assert ("Finding", "Body fluid") in items  # SCT 32457005
     assert ("Certainty of Finding", "87.0") in items
     assert ("Referenced Segmentation Frame", "") in items
     ai = [
@@ -202,7 +202,7 @@ def test_sr_names_the_model_version_finding_and_confidence(exported: dict) -> No
     assert model_item.SoftwareVersions == MODEL.version and model_item.DeviceUID.startswith("2.25.")
     # one group per finding: the box of the detection capture is an SCOORD polyline
     box_items = _sr_items(_by_capture(exported, "dicom_cine_box")["sr"])
-    assert ("Image Region", "POLYLINE") in box_items and ("Finding", "lesion") in box_items
+    assert ("Image Region", "POLYLINE") in box_items and ("Finding", "Lesion") in box_items
     none_items = _sr_items(_by_capture(exported, "video_none")["sr"])
     assert ("Finding", "All algorithms succeeded; without findings") in none_items
 
@@ -443,6 +443,213 @@ def test_source_without_patient_and_study_ids_still_exports(tmp_path: Path) -> N
     src = pydicom.dcmread(tmp_path / "out" / report.exported[0].files[0])
     assert src.PatientID.startswith("NOID-") and src.StudyID and src.StudyDate
     assert src.StudyInstanceUID == ds.StudyInstanceUID
+    if DCIODVFY:
+        for p in (tmp_path / "out").rglob("*"):
+            if p.is_file():
+                assert _dciodvfy_errors(p) == [], p
+
+
+def test_every_sr_is_comprehensive_sr_and_3d_only_for_scoord3d(exported: dict) -> None:
+    import highdicom as hd
+
+    from firmware_app.records.export import sr_class
+
+    srs = [ds for ds in _instances(exported["root"] / "stick") if ds.Modality == "SR"]
+    assert srs and {ds.SOPClassUID for ds in srs} == {"1.2.840.10008.5.1.4.1.1.88.33"}
+    # the class follows the content: 2D SCOORD -> Comprehensive SR, SCOORD3D -> Comprehensive 3D SR
+    name = hd.sr.CodedConcept("111030", "DCM", "Image Region")
+    points = np.array([[1.0, 1.0], [5.0, 1.0], [5.0, 5.0], [1.0, 1.0]], np.float32)
+    planar = hd.sr.ScoordContentItem(
+        name,
+        hd.sr.GraphicTypeValues.POLYLINE,
+        points,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    volume = hd.sr.Scoord3DContentItem(
+        name,
+        hd.sr.GraphicTypeValues3D.POLYLINE,
+        np.array([[1.0, 1.0, 0.0], [5.0, 1.0, 0.0], [5.0, 5.0, 0.0]], np.float64),
+        "1.2.3.4",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container = hd.sr.ContainerContentItem(hd.sr.CodedConcept("126010", "DCM", "Imaging Measurements"))
+    container.ContentSequence = hd.sr.ContentSequence([planar])
+    assert sr_class([container]) is hd.sr.ComprehensiveSR
+    container.ContentSequence.append(volume)
+    assert sr_class([container]) is hd.sr.Comprehensive3DSR
+
+
+# Type 2 attributes (present, empty when unknown) of the objects the export writes; Patient Orientation is
+# Type 2C, required for these images (they have no Image Orientation/Position (Patient))
+TYPE_2 = frozenset(
+    "PatientName PatientID PatientBirthDate PatientSex ReferringPhysicianName AccessionNumber StudyID "
+    "StudyDate StudyTime PatientOrientation".split()
+)
+
+
+def _empty_elements(ds: pydicom.Dataset, path: str = "") -> list[str]:
+    out = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                out += _empty_elements(item, f"{path}{elem.keyword}>")
+        elif elem.tag.group != 0x0002 and elem.is_empty:
+            out.append(path + (elem.keyword or str(elem.tag)))
+    return out
+
+
+@pytest.mark.parametrize("which", ["stick", "deid", "feedback/DICOM"])
+def test_optional_attributes_are_absent_not_empty(exported: dict, which: str) -> None:
+    datasets = _instances(exported["root"] / which)
+    assert datasets
+    for ds in datasets:
+        # Laterality (Type 2C) is present, empty, only when the body part examined is unknown (may be paired)
+        allowed = TYPE_2 | ({"Laterality"} if "BodyPartExamined" not in ds else set())
+        assert [e for e in _empty_elements(ds) if e not in allowed] == [], ds.SOPClassUID.name
+
+
+def test_laterality_is_absent_for_a_body_part_that_is_not_paired(exported: dict, tmp_path: Path) -> None:
+    cr = _by_capture(exported, "dicom_cr")  # the radiograph's header says CHEST
+    for role in ("source", "overlay"):
+        assert cr[role].BodyPartExamined == "CHEST" and "Laterality" not in cr[role], role
+    # stated by the source: carried over; a paired body part without it: present, empty (unknown)
+    ds = pydicom.dcmread(pydicom_data_file("RG1_UNCI.dcm"))
+    data = tmp_path / "data"
+    rec = Recorder(data, model=MODEL)
+    for body_part, laterality in (("BREAST", "L"), ("KNEE", None)):
+        ds.BodyPartExamined = body_part
+        if laterality:
+            ds.Laterality = laterality
+        elif "Laterality" in ds:
+            del ds.Laterality
+        path = tmp_path / f"{body_part}.dcm"
+        ds.save_as(path)
+        px, meta = next(load_frames(path))
+        rec.capture(frame(px, 0, meta), None)
+    report = export_fileset(data, tmp_path / "out")
+    got = {}
+    for e in report.exported:
+        src = pydicom.dcmread(tmp_path / "out" / e.files[0])
+        got[src.BodyPartExamined] = src.Laterality
+    assert got == {"BREAST": "L", "KNEE": ""}
+
+
+def _numbers_by_series(folder: Path) -> dict[str, list[tuple[str, int]]]:
+    series: dict[str, list[tuple[str, int]]] = {}
+    for ds in _instances(folder):
+        series.setdefault(ds.SeriesInstanceUID, []).append((ds.SOPInstanceUID, int(ds.InstanceNumber)))
+    return series
+
+
+@pytest.mark.parametrize("which", ["stick", "deid", "feedback/DICOM"])
+def test_instance_numbers_are_unique_within_each_series(exported: dict, which: str) -> None:
+    series = _numbers_by_series(exported["root"] / which)
+    assert series
+    for uid, items in series.items():
+        numbers = [n for _, n in items]
+        assert len(numbers) == len(set(numbers)), (uid, sorted(numbers))
+        assert min(numbers) >= 1
+
+
+def test_instance_numbers_stay_the_same_on_export_again_and_are_never_reused(
+    exported: dict, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(exported["data"], data)
+    first = {uid: n for items in _numbers_by_series(exported["root"] / "stick").values() for uid, n in items}
+    export_fileset(data, tmp_path / "again", include_exported=True)
+    again = {uid: n for items in _numbers_by_series(tmp_path / "again").values() for uid, n in items}
+    assert again == first
+    # captures of the same study after a purge get new numbers, not those of the purged ones
+    video = _by_capture(exported, "video_seg")["source"]
+    Recorder(data).purge_exported()
+    rec = Recorder(data, model=MODEL)
+    new = [
+        rec.capture(frame(np.full((64, 64), 90, np.uint8), 0, {"phantom": "ultrasound"}), None)
+        for _ in range(2)
+    ]
+    report = export_fileset(data, tmp_path / "later")
+    assert [e.capture_id for e in report.exported] == new
+    used = {n for items in _numbers_by_series(exported["root"] / "stick").values() for _, n in items}
+    later = [pydicom.dcmread(tmp_path / "later" / e.files[0]) for e in report.exported]
+    assert {ds.StudyInstanceUID for ds in later} == {video.StudyInstanceUID}
+    assert len({int(ds.InstanceNumber) for ds in later}) == 2
+    assert not {int(ds.InstanceNumber) for ds in later} & used
+    text = (data / "captures" / "instance-numbers.json").read_text()
+    assert video.StudyInstanceUID not in text
+
+
+STANDARD_SCHEMES = {"DCM", "SCT", "UCUM", "RFC5646"}  # PS3.16 Table 8-1: need no declaring
+
+
+def _codes(ds: pydicom.Dataset) -> list[tuple[str, str, str]]:
+    out = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                if "CodeValue" in item and "CodingSchemeDesignator" in item:
+                    out.append((item.CodeValue, item.CodingSchemeDesignator, item.get("CodeMeaning", "")))
+                out += _codes(item)
+    return out
+
+
+def _declared(ds: pydicom.Dataset) -> set[str]:
+    return {i.CodingSchemeDesignator for i in ds.get("CodingSchemeIdentificationSequence", [])}
+
+
+@pytest.mark.parametrize("which", ["stick", "deid", "feedback/DICOM"])
+def test_codes_are_standard_or_declared(exported: dict, which: str) -> None:
+    for ds in _instances(exported["root"] / which):
+        undeclared = {c for c in _codes(ds) if c[1] not in STANDARD_SCHEMES | _declared(ds)}
+        assert undeclared == set(), ds.SOPClassUID.name
+
+
+def test_findings_have_snomed_codes(exported: dict) -> None:
+    objs = _by_capture(exported, "dicom_seg")
+    segment = objs["seg"].SegmentSequence[0]
+    assert (
+        segment.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+        segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator,
+    ) == ("32457005", "SCT")
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91720002"
+    assert ("32457005", "SCT", "Body fluid") in _codes(objs["sr"])
+    assert ("27925004", "SCT", "Nodule") in _codes(_by_capture(exported, "xray_cls")["sr"])
+    assert ("52988006", "SCT", "Lesion") in _codes(_by_capture(exported, "dicom_cine_box")["sr"])
+    for key in ("dicom_seg", "xray_cls", "dicom_cine_box"):
+        for ds in _by_capture(exported, key).values():
+            assert (
+                "99FWAPP" not in {c[1] for c in _codes(ds)} and "CodingSchemeIdentificationSequence" not in ds
+            )
+
+
+def test_labels_without_a_standard_code_get_declared_local_codes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rec = Recorder(data, model=MODEL)
+    img = np.full((96, 96), 80, np.uint8)
+    rec.capture(
+        frame(img, 0, {"phantom": "ultrasound"}),
+        Result(0, "classification", "b-lines", 0.8, True, {"b-lines": 0.8}),
+    )
+    rec.capture(
+        frame(img, 1, {"phantom": "ultrasound"}), seg_result(1, disc(img.shape, (48, 48), 20), "mystery")
+    )
+    report = export_fileset(data, tmp_path / "out")
+    assert report.failed == []
+    srs = {}
+    for ds in _instances(tmp_path / "out"):
+        local = [c for c in _codes(ds) if c[1] == "99FWAPP"]
+        if ds.Modality in ("SR", "SEG"):
+            assert local, ds.Modality
+            assert "99FWAPP" in _declared(ds)
+            item = next(
+                i for i in ds.CodingSchemeIdentificationSequence if i.CodingSchemeDesignator == "99FWAPP"
+            )
+            assert item.CodingSchemeName and item.CodingSchemeResponsibleOrganization
+        else:
+            assert not local and "CodingSchemeIdentificationSequence" not in ds
+        if ds.Modality == "SR":
+            srs[ds.SOPInstanceUID] = {c[:2] for c in local}
+    assert sorted(map(sorted, srs.values())) == [[("B-LINES", "99FWAPP")], [("MYSTERY", "99FWAPP")]]
     if DCIODVFY:
         for p in (tmp_path / "out").rglob("*"):
             if p.is_file():

@@ -5,13 +5,25 @@ atomically on first use: two processes starting together end up with the same ke
 creating it leaves no key file at all. Losing the key makes every capture unreadable: it never leaves the
 device, and nothing but the captures depends on it.
 
-A sealed file is ``MAGIC (8) | key id (8) | nonce (12) | ciphertext + tag (16)``. The nonce is random per
-file (96 bits; a device writes far fewer than 2**32 files per key). The associated data binds the magic,
-the key id and the capture id, so a file renamed to another capture's name does not open, and a file
-sealed by another device says so instead of "corrupt".
+Capture files are versioned by their first 8 bytes, the format's magic (``FWCAPv2\n``, ``FWCAPv1\n``):
+
+- **v2** (written): ``MAGIC_V2 (8) | key id (8) | salt (16) | nonce (12) | ciphertext + tag (16)``. The
+  file's AES-256 key is derived from the device key with HKDF-SHA256 (RFC 5869): salt = the file's random
+  16-byte salt, info = ``firmware-app/capture/v2/aes-256-gcm``; so every file has its own key and a
+  random 96-bit nonce never meets another under it. The key id is HKDF-SHA256 of the device key too (no
+  salt, info ``firmware-app/capture/v2/key-id``, 8 bytes).
+- **v1** (read only, files written before v2): ``MAGIC_V1 (8) | key id (8) | nonce (12) | ciphertext +
+  tag``, sealed with the device key itself, the key id an ad-hoc SHA-256 of a label and the key
+  (``_v1_key_id``). ``seal_v1`` still writes one, for tests of reading old captures only.
+
+The associated data binds the magic (so the version), the key id, the salt and the capture id, so a file
+renamed to another capture's name does not open, and a file sealed by another device says so instead of
+"corrupt".
 
 ``device_secret`` derives (one-way) the per-device secret used for pseudonyms in de-identified exports, and
-``device_uid`` the device's DICOM UID (``Device UID`` in exports), from the same key.
+``device_uid`` the device's DICOM UID (``Device UID`` in exports), from the same key. Those keep their
+original SHA-256 derivation on purpose: they are identifiers already in PACS archives (Device UID, every
+exported UID, patient pseudonyms), which a new derivation would change; no cipher key comes from them.
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ import uuid
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from firmware_app.records.errors import CaptureCorrupt, KeyFileError
 from firmware_app.records.fsutil import write_new
@@ -33,11 +47,16 @@ log = logging.getLogger(__name__)
 
 KEY_DIR = "keys"
 CAPTURE_KEY = "capture.key"
-MAGIC = b"FWCAPv1\n"
+MAGIC_V1 = b"FWCAPv1\n"  # read only
+MAGIC_V2 = b"FWCAPv2\n"
+MAGIC = MAGIC_V2  # what ``seal`` writes
 _KEY_BYTES = 32
 _KEY_ID_BYTES = 8
+_SALT_BYTES = 16
 _NONCE_BYTES = 12
-_HEADER = len(MAGIC) + _KEY_ID_BYTES + _NONCE_BYTES
+_TAG_BYTES = 16
+_INFO_KEY_V2 = b"firmware-app/capture/v2/aes-256-gcm"
+_INFO_KEY_ID_V2 = b"firmware-app/capture/v2/key-id"
 
 
 def keys_dir(data_dir: str | os.PathLike[str]) -> Path:
@@ -88,8 +107,24 @@ def capture_key(data_dir: str | os.PathLike[str]) -> bytes:
     return load_or_create_key(keys_dir(data_dir) / CAPTURE_KEY)
 
 
+def hkdf_sha256(key: bytes, info: bytes, salt: bytes | None = None, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869) of ``key``."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+
+
 def key_id(key: bytes) -> bytes:
+    """The id of a device key in v2 capture files."""
+    return hkdf_sha256(key, _INFO_KEY_ID_V2, length=_KEY_ID_BYTES)
+
+
+def _v1_key_id(key: bytes) -> bytes:
+    """The id of a device key in v1 capture files (the old derivation: read only)."""
     return hashlib.sha256(b"firmware-app key id\0" + key).digest()[:_KEY_ID_BYTES]
+
+
+def capture_file_key(key: bytes, salt: bytes) -> bytes:
+    """The AES-256 key of one v2 capture file: HKDF-SHA256 of the device key with the file's salt."""
+    return hkdf_sha256(key, _INFO_KEY_V2, salt=salt)
 
 
 def device_secret(data_dir: str | os.PathLike[str], purpose: str) -> bytes:
@@ -110,36 +145,53 @@ def device_uid(data_dir: str | os.PathLike[str]) -> str:
 
 
 class CaptureCipher:
-    """Seal and open capture files with the device key (AES-256-GCM)."""
+    """Seal (v2) and open (v2, v1) capture files with the device key (AES-256-GCM)."""
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
-        key = capture_key(data_dir)
-        self._aead = AESGCM(key)
-        self._key_id = key_id(key)
-
-    def _aad(self, kid: bytes, name: str) -> bytes:
-        return MAGIC + kid + name.encode("utf-8")
+        self._key = capture_key(data_dir)
+        self._key_id = key_id(self._key)
+        self._v1_key_id = _v1_key_id(self._key)
 
     def seal(self, name: str, plaintext: bytes) -> bytes:
-        """Encrypt ``plaintext`` for the file of capture ``name``."""
+        """Encrypt ``plaintext`` for the file of capture ``name`` (format v2)."""
+        salt = os.urandom(_SALT_BYTES)
         nonce = os.urandom(_NONCE_BYTES)
-        return (
-            MAGIC + self._key_id + nonce + self._aead.encrypt(nonce, plaintext, self._aad(self._key_id, name))
-        )
+        head = MAGIC_V2 + self._key_id + salt
+        aead = AESGCM(capture_file_key(self._key, salt))
+        return head + nonce + aead.encrypt(nonce, plaintext, head + name.encode("utf-8"))
+
+    def seal_v1(self, name: str, plaintext: bytes) -> bytes:
+        """A v1 file, as written before v2 (the device key itself, no derivation): for tests only."""
+        nonce = os.urandom(_NONCE_BYTES)
+        aad = MAGIC_V1 + self._v1_key_id + name.encode("utf-8")
+        return MAGIC_V1 + self._v1_key_id + nonce + AESGCM(self._key).encrypt(nonce, plaintext, aad)
 
     def open(self, name: str, blob: bytes, where: str = "") -> bytes:
-        """Decrypt a sealed file; CaptureCorrupt (naming ``where``) when it does not authenticate."""
+        """Decrypt a sealed file (v2 or v1); CaptureCorrupt (naming ``where``) when it does not authenticate."""
         where = where or name
-        if len(blob) < _HEADER + 16 or not blob.startswith(MAGIC):
+        magic = blob[: len(MAGIC_V2)]
+        if magic == MAGIC_V2:
+            kid_expected, salt_bytes = self._key_id, _SALT_BYTES
+        elif magic == MAGIC_V1:
+            kid_expected, salt_bytes = self._v1_key_id, 0
+        else:
             raise CaptureCorrupt(f"{where}: not a capture file (bad header or truncated)")
-        kid = blob[len(MAGIC) : len(MAGIC) + _KEY_ID_BYTES]
-        if kid != self._key_id:
+        head_len = len(magic) + _KEY_ID_BYTES + salt_bytes
+        if len(blob) < head_len + _NONCE_BYTES + _TAG_BYTES:
+            raise CaptureCorrupt(f"{where}: not a capture file (bad header or truncated)")
+        kid = blob[len(magic) : len(magic) + _KEY_ID_BYTES]
+        if kid != kid_expected:
             raise CaptureCorrupt(
                 f"{where}: sealed with another device key; it cannot be opened on this device"
             )
-        nonce = blob[len(MAGIC) + _KEY_ID_BYTES : _HEADER]
+        head = blob[:head_len]
+        nonce = blob[head_len : head_len + _NONCE_BYTES]
+        if salt_bytes:
+            aead = AESGCM(capture_file_key(self._key, head[-salt_bytes:]))
+        else:
+            aead = AESGCM(self._key)  # v1: the device key itself
         try:
-            return self._aead.decrypt(nonce, blob[_HEADER:], self._aad(kid, name))
+            return aead.decrypt(nonce, blob[head_len + _NONCE_BYTES :], head + name.encode("utf-8"))
         except InvalidTag:
             raise CaptureCorrupt(
                 f"{where}: fails authentication (edited, truncated or renamed); its content is not used"

@@ -12,10 +12,12 @@ Per capture (all in the capture's study; every reference by UID):
    Annotation YES, Image Comments saying the same, Source Image Sequence -> the source image;
 3. a **Segmentation** (highdicom, BINARY, one segment) when the result has a non-empty mask: same rows and
    columns as the source image, referencing it;
-4. a **Comprehensive 3D SR** (highdicom TID 1500 Measurement Report) with one measurement group per
+4. a **Comprehensive SR** (highdicom TID 1500 Measurement Report) with one measurement group per
    finding: the region (the SEG segment for segmentation; the box as an SCOORD polyline for detection; the
    image for classification), the finding, its confidence (DCM 111012 "Certainty of Finding", %), the area,
    and the algorithm identification (model id + version); the observer is the device (Device UID).
+   Only 2D coordinates (SCOORD) are used: Comprehensive 3D SR (which a PACS's default storescu
+   presentation contexts lack) would be chosen only for content with SCOORD3D (``sr_class``).
 
 SEG, SR and the overlay carry the IHE AI Results contributing-equipment item: Manufacturer, Manufacturer's
 Model Name = model id, Software Versions = model version, Device UID = this device, Purpose of Reference
@@ -54,7 +56,8 @@ the date the image was acquired") is set from the region, for plain and de-ident
   line prints one line for each, with the capture id only).
 
 UIDs are derived from the device UID, the capture id and the object's role, so exporting a capture again
-gives the same UIDs (a PACS then keeps one copy). Only after the whole File-set is written and fsynced are
+gives the same UIDs (a PACS then keeps one copy). Instance Numbers are unique within each series and
+also the same again (``InstanceNumbers``: a per-study counter kept in the data folder). Only after the whole File-set is written and fsynced are
 the captures marked exported; nothing is deleted here (see ``CaptureStore.purge_exported``).
 """
 
@@ -62,6 +65,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -89,7 +93,7 @@ from firmware_app.records.captures import (
 from firmware_app.records.crypto import device_secret, device_uid, uid_from_bytes
 from firmware_app.records.deid import Deidentifier
 from firmware_app.records.errors import ExportFailed, ExportTargetError, RecordsError
-from firmware_app.records.fsutil import fsync_dir
+from firmware_app.records.fsutil import fsync_dir, write_replace
 from firmware_app.records.overlay import render_overlay
 
 log = logging.getLogger(__name__)
@@ -173,11 +177,71 @@ def _local_time(iso_utc: str) -> datetime:
     return t.astimezone()
 
 
-def _code(label: str) -> Any:
+# model label -> (SEG segmented property category, finding / segmented property type), as
+# (code value, coding scheme, meaning); standard codes (SNOMED CT, from DICOM's CIDs 7150/7151/7159)
+# wherever one exists, a declared local code otherwise. A label not in this table gets a local code too.
+_MORPHOLOGIC = ("49755003", "SCT", "Morphologically Abnormal Structure")
+FINDING_CODES: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]] = {
+    "fluid": (("91720002", "SCT", "Body Substance"), ("32457005", "SCT", "Body fluid")),
+    "nodule": (_MORPHOLOGIC, ("27925004", "SCT", "Nodule")),
+    "lesion": (_MORPHOLOGIC, ("52988006", "SCT", "Lesion")),
+    # lung ultrasound B-lines (an artefact pattern): no SNOMED CT concept
+    "b-lines": (_MORPHOLOGIC, ("B-LINES", PRIVATE_SCHEME, "B-lines")),
+}
+LOCAL_SCHEME = {
+    "CodingSchemeDesignator": PRIVATE_SCHEME,
+    "CodingSchemeName": "firmware-app local codes for model labels",
+    "CodingSchemeResponsibleOrganization": MANUFACTURER,
+}
+
+
+def _concept(code: tuple[str, str, str]) -> Any:
     from highdicom.sr import CodedConcept
 
+    return CodedConcept(value=code[0], scheme_designator=code[1], meaning=code[2])
+
+
+def _code(label: str) -> Any:
+    """The finding's code (``FINDING_CODES``; a local code for a label without one)."""
+    known = FINDING_CODES.get(label.strip().lower())
+    if known is not None:
+        return _concept(known[1])
     value = "".join(ch if ch.isalnum() else "-" for ch in label.upper())[:16] or "FINDING"
-    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=label[:64])
+    return _concept((value, PRIVATE_SCHEME, label[:64]))
+
+
+def _category(label: str) -> Any:
+    """The SEG Segmented Property Category of a label (morphologically abnormal structure by default)."""
+    return _concept(FINDING_CODES.get(label.strip().lower(), (_MORPHOLOGIC,))[0])
+
+
+def _uses_scheme(ds: Any, scheme: str) -> bool:
+    for elem in ds:
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            if item.get("CodingSchemeDesignator") == scheme and "CodeValue" in item:
+                return True
+            if _uses_scheme(item, scheme):
+                return True
+    return False
+
+
+def _declare_local_codes(ds: Any) -> None:
+    """Coding Scheme Identification Sequence (0008,0110): the local scheme, when ``ds`` uses it."""
+    from pydicom.dataset import Dataset
+
+    if not _uses_scheme(ds, PRIVATE_SCHEME):
+        return
+    declared = [
+        i
+        for i in ds.get("CodingSchemeIdentificationSequence", [])
+        if i.get("CodingSchemeDesignator") != PRIVATE_SCHEME
+    ]
+    item = Dataset()
+    for kw, value in LOCAL_SCHEME.items():
+        setattr(item, kw, value)
+    ds.CodingSchemeIdentificationSequence = [*declared, item]
 
 
 def _file_meta(sop_class: str, sop_uid: str) -> Any:
@@ -283,7 +347,7 @@ def _common(
     ds.ContentTime = when.strftime("%H%M%S.%f")[:13]
     ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
     ds.PatientOrientation = ""
-    ds.Laterality = ""  # Type 2C: unknown (a point-of-care frame carries no laterality)
+    _laterality(ds, cap.dicom_header)
     if derived_from is not None:
         cls, uid, frame = derived_from
         item = Dataset()
@@ -295,8 +359,80 @@ def _common(
     return ds
 
 
+# Body Part Examined values (PS3.16 Annex L) of paired structures: Laterality applies to them
+PAIRED_BODY_PARTS = frozenset(
+    "BREAST EYE EAR KIDNEY LUNG ADRENAL OVARY TESTIS FALLOPIANTUBE SHOULDER CLAVICLE SCAPULA ARM UPRARM "
+    "ELBOW FOREARM WRIST HAND FINGER THUMB HIP THIGH FEMUR KNEE PATELLA LEG TIBIA FIBULA ANKLE FOOT HEEL TOE "
+    "UPRLIMB LOWLIMB EXTREMITY AXILLA PAROTID SUBMANDIBULAR JAW TMJ ORBIT".split()
+)
+
+
+def _laterality(ds: Any, header: Any) -> None:
+    """General Series Laterality (Type 2C: required when the body part examined is a paired structure).
+
+    The source file's value when it states one (R or L); absent when the source names a body part that is
+    not paired (optional attributes are left out, not written empty); present and empty ("unknown") only
+    when nothing says which body part it is, so that it may be a paired one (a video frame).
+    """
+    stated = str(header.get("Laterality") or "").strip().upper() if header is not None else ""
+    body_part = str(header.get("BodyPartExamined") or "").strip().upper() if header is not None else ""
+    if body_part:
+        ds.BodyPartExamined = body_part[:16]
+    if stated in ("R", "L"):
+        ds.Laterality = stated
+    elif not body_part or body_part in PAIRED_BODY_PARTS:
+        ds.Laterality = ""
+
+
+class InstanceNumbers:
+    """Instance Numbers unique within each of the device's series, and the same when a capture is exported
+    again (like its UIDs): one counter per study (all the device's series of a study are numbered together,
+    one number per capture, shared by its source, overlay, SEG and SR), kept in
+    ``<data-dir>/captures/instance-numbers.json``. A capture gets the next number of its study the first
+    time it is exported, in capture order; a purged capture's number is never given again. The file holds
+    no identifiers: a study is named by a keyed hash of its Study Instance UID (and the export kind)."""
+
+    FILE = "instance-numbers.json"
+
+    def __init__(self, store: CaptureStore) -> None:
+        self.path = store.dir / self.FILE
+        self._key = device_secret(store.data_dir, "instance numbers")
+        self._dirty = False
+        try:
+            doc = json.loads(self.path.read_text())
+            self._studies: dict[str, dict[str, Any]] = dict(doc.get("studies", {}))
+        except FileNotFoundError:
+            self._studies = {}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ExportFailed(f"{self.path}: unreadable ({exc}); restore it or move it away") from None
+
+    def _study(self, kind: str, study_uid: str) -> dict[str, Any]:
+        name = hmac.new(self._key, f"{kind}\0{study_uid}".encode(), hashlib.sha256).hexdigest()[:24]
+        return self._studies.setdefault(name, {"next": 1, "captures": {}})
+
+    def number(self, kind: str, study_uid: str, capture_id: str) -> int:
+        study = self._study(kind, study_uid)
+        n = study["captures"].get(capture_id)
+        if n is None:
+            n = int(study["next"])
+            study["captures"][capture_id] = n
+            study["next"] = n + 1
+            self._dirty = True
+        return int(n)
+
+    def save(self) -> None:
+        """Persist (atomically, durably) the numbers given; before any capture is marked exported."""
+        if self._dirty:
+            doc = {"format": "firmware-app-instance-numbers/1", "studies": self._studies}
+            write_replace(
+                self.path, (json.dumps(doc, sort_keys=True) + "\n").encode(), what="instance numbers"
+            )
+            self._dirty = False
+
+
 def _instance_number(capture_id: str) -> int:
-    """Stable, ordered within a day: seconds of the UTC day of the capture id (YYYYMMDD-HHMMSS-xxxxxx) + 1."""
+    """Without an export's numbering (``InstanceNumbers``): seconds of the UTC day of the capture id
+    (YYYYMMDD-HHMMSS-xxxxxx) + 1, which two captures of a study can share."""
     try:
         hms = capture_id.split("-")[1]
         return int(hms[:2]) * 3600 + int(hms[2:4]) * 60 + int(hms[4:6]) + 1
@@ -557,7 +693,7 @@ def segmentation(cap: Capture, eq: Equipment, source: Any) -> Any | None:
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=label[:64],
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_category=_category(label),
         segmented_property_type=_code(label),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
@@ -746,7 +882,7 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
         imaging_measurements=groups,
     )
     evidence = [source] + ([seg] if seg is not None else [])
-    sr = hd.sr.Comprehensive3DSR(
+    sr = sr_class(report)(
         evidence=evidence,
         content=report,
         series_instance_uid=_uid(eq, cap.study.study_uid, "sr", "series"),
@@ -765,6 +901,22 @@ def structured_report(cap: Capture, eq: Equipment, source: Any, seg: Any | None)
     return sr
 
 
+def uses_3d_coordinates(content: Any) -> bool:
+    """Whether an SR content tree holds a SCOORD3D item (anywhere below ``content``)."""
+    for item in content.get("ContentSequence", []) if hasattr(content, "get") else content:
+        if item.get("ValueType") == "SCOORD3D" or uses_3d_coordinates(item):
+            return True
+    return False
+
+
+def sr_class(content: Any) -> type:
+    """Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33, in every PACS's default presentation contexts)
+    unless the content uses 3D coordinates, which only Comprehensive 3D SR (.88.34) allows."""
+    import highdicom as hd
+
+    return hd.sr.Comprehensive3DSR if uses_3d_coordinates(content) else hd.sr.ComprehensiveSR
+
+
 def _drop_segment_numbers_beside_frames(ds: Any) -> None:
     """PS3.3 C.10.5: Referenced Segment Number shall not be present with Referenced Frame Number.
 
@@ -777,12 +929,20 @@ def _drop_segment_numbers_beside_frames(ds: Any) -> None:
         _drop_segment_numbers_beside_frames(item)
 
 
-def build_instances(cap: Capture, eq: Equipment, include_ai: bool = True) -> dict[str, Any]:
-    """role -> dataset for one capture: source, and (``include_ai``) overlay, seg (if a mask), sr."""
+def build_instances(
+    cap: Capture, eq: Equipment, include_ai: bool = True, instance_number: int | None = None
+) -> dict[str, Any]:
+    """role -> dataset for one capture: source, and (``include_ai``) overlay, seg (if a mask), sr; all with
+    ``instance_number`` (from ``InstanceNumbers``) when given."""
     with warnings.catch_warnings():
         # highdicom's advice on single-component person names in source data: not ours to change
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        return _build_instances(cap, eq, include_ai)
+        out = _build_instances(cap, eq, include_ai)
+    for ds in out.values():
+        _declare_local_codes(ds)
+        if instance_number is not None:
+            ds.InstanceNumber = int(instance_number)
+    return out
 
 
 def _build_instances(cap: Capture, eq: Equipment, include_ai: bool) -> dict[str, Any]:
@@ -971,13 +1131,15 @@ def _export_batch(
     staging = Path(tempfile.mkdtemp(prefix=".fwapp-staging-", dir=out))
     try:
         fs, existing = _open_fileset(out, staging)
+        numbers = InstanceNumbers(store)
         # capture id, role -> SOP Instance UID, finding, why its pixels are not clean ("": they are)
         staged: list[tuple[str, dict[str, str], str, str]] = []
         for info in infos:
             try:
                 cap = store.load(info.id)
                 include_ai = include_silent_results or not cap.silent_trial
-                instances = build_instances(cap, eq, include_ai=include_ai)
+                number = numbers.number(kind, cap.study.study_uid, cap.id)
+                instances = build_instances(cap, eq, include_ai=include_ai, instance_number=number)
                 why_not_clean = ""
                 if deid is not None:
                     region = pixel_region(cap)
@@ -1020,6 +1182,10 @@ def _export_batch(
             done.append(ExportedCapture(cid, files, uids, finding, deidentified=clean))
         report.dicomdir = out / "DICOMDIR"
         _fsync_files([*written, report.dicomdir])
+        try:
+            numbers.save()
+        except RecordsError as exc:
+            raise ExportFailed(f"{exc}; this batch was not marked exported") from None
         if before_mark is not None:
             before_mark(done)
         for item in done:

@@ -148,10 +148,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from firmware_app.logsetup import setup
+
+    setup(verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,15 +12,17 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from firmware_app import __version__
-from firmware_app.errors import FirmwareAppError
+from firmware_app.errors import BadInput, FirmwareAppError
 
 log = logging.getLogger("firmware_app")
 
 DEFAULT_DATA_DIR = "/var/lib/firmware-app"
+STOP_POLL_S = 0.2  # the main thread looks at the stop event this often
 
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:
@@ -218,36 +220,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     from firmware_app.config import load_board
     from firmware_app.daemon import Daemon
 
-    board = load_board(args.board)
-    daemon = Daemon(
-        board,
-        args.data_dir,
-        model_ref=args.model,
-        source_uri=args.source,
-        display_uris=args.display,
-        max_frames=args.frames,
-        capture_every=args.capture_every or 0,
-        silent_trial=args.silent_trial,
-        results_path=args.results,
-    )
-    pipeline = daemon.pipeline
-    for notice in pipeline.choice.notices:
-        print(f"firmware-app: notice: {notice}", file=sys.stderr)
+    stats_path = Path(args.stats) if args.stats else None
+    if stats_path is not None:
+        check_output_file(stats_path, "--stats")
+    # SIGTERM/SIGINT only set an event, whichever thread the kernel hands them to and whenever they come
+    # (start-up included); the main thread never blocks longer than STOP_POLL_S, so it sees the event.
+    stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        daemon.stop()
+        stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stats = daemon.run()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        board = load_board(args.board)
+        daemon = Daemon(
+            board,
+            args.data_dir,
+            model_ref=args.model,
+            source_uri=args.source,
+            display_uris=args.display,
+            max_frames=args.frames,
+            capture_every=args.capture_every or 0,
+            silent_trial=args.silent_trial,
+            results_path=args.results,
+        )
+        pipeline = daemon.pipeline
+        for notice in pipeline.choice.notices:
+            print(f"firmware-app: notice: {notice}", file=sys.stderr)
+        try:
+            if not stopping.is_set():
+                daemon.start()
+                while not stopping.is_set() and not pipeline.wait(STOP_POLL_S):
+                    pass
+            if stopping.is_set():
+                log.info("signal: stopping")
+                daemon.stop()
+        finally:
+            daemon.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stats = pipeline.stats()
     if pipeline.t_first_result_shown_ns is not None:
         age = process_age_s()
         if age is not None:
             since_first = (time.monotonic_ns() - pipeline.t_first_result_shown_ns) / 1e9
             stats["startup_s"] = round(age - since_first, 3)
-    if args.stats:
-        write_json(Path(args.stats), stats)
+    if stats_path is not None:
+        try:
+            write_json(stats_path, stats)
+        except OSError as exc:
+            raise FirmwareAppError(f"--stats {stats_path}: cannot write ({exc.strerror})") from None
     print(summary_line(stats), file=sys.stderr)
     return 0
 
@@ -290,11 +313,31 @@ def process_age_s() -> float | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
+    """Write atomically: a reader never sees half a file; nothing is left behind when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Before any work starts: BadInput naming ``what`` and ``path`` when the file cannot be written there."""
+    if path.is_dir():
+        raise BadInput(f"{what} {path}: is a folder, not a file")
+    folder = path.absolute().parent
+    while not folder.exists():  # missing folders are made when written: the nearest existing one counts
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadInput(f"{what} {path}: {folder} is a file, not a folder")
+    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    try:
+        probe.touch()
+    except OSError as exc:
+        raise BadInput(f"{what} {path}: cannot write in {folder} ({exc.strerror})") from None
+    probe.unlink(missing_ok=True)
 
 
 def summary_line(stats: dict) -> str:

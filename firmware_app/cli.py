@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             from firmware_app.validate import cmd_validate
 
+            if args.report:
+                check_output_dir(Path(args.report), "--report")
+
             return cmd_validate(args.model, args.dataset, args.json, args.report, args.data_dir, args.ood)
         if args.command == "doctor":
             from firmware_app.doctor import run_doctor
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from firmware_app.records.commands import cmd_export, cmd_export_feedback
 
+            check_data_dir(Path(args.data_dir))
             if args.feedback:
                 return cmd_export_feedback(args.data_dir, args.to)
             return cmd_export(args.data_dir, args.to, args.deidentify, purge=args.purge)
@@ -212,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a path the checks above could not foresee: one line, never a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        log.debug("%s", exc, exc_info=True)
+        print(f"firmware-app: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -323,6 +332,21 @@ def write_json(path: Path, data: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_data_dir(path: Path) -> None:
+    """The data dir an export reads captures from and writes marks and the audit log to."""
+    if not path.exists():
+        check_output_dir(path, "--data-dir")  # made on first use
+        return
+    if not path.is_dir():
+        raise BadInput(f"--data-dir {path}: is a file, not a folder")
+    for sub in ("captures", "audit"):
+        if (path / sub).exists() and not (path / sub).is_dir():
+            raise BadInput(f"--data-dir {path}: {path / sub} is a file, not a folder")
+    _probe(path, "--data-dir", path)
+    if (path / "captures").is_dir():
+        _probe(path / "captures", "--data-dir", path)
+
+
 def check_output_file(path: Path, what: str) -> None:
     """Before any work starts: BadInput naming ``what`` and ``path`` when the file cannot be written there."""
     if path.is_dir():
@@ -332,12 +356,27 @@ def check_output_file(path: Path, what: str) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise BadInput(f"{what} {path}: {folder} is a file, not a folder")
-    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    _probe(folder, what, path)
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Before any work starts: BadInput naming ``what`` and ``path`` when no files can be written in it."""
+    folder = path.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadInput(f"{what} {path}: {folder} is a file, not a folder")
+    _probe(folder, what, path)
+
+
+def _probe(folder: Path, what: str, path: Path) -> None:
+    """Prove a file can be created in ``folder`` (root ignores modes: only trying tells)."""
+    probe = folder / f".fwapp-probe-{os.getpid()}"
     try:
         probe.touch()
+        probe.unlink()
     except OSError as exc:
-        raise BadInput(f"{what} {path}: cannot write in {folder} ({exc.strerror})") from None
-    probe.unlink(missing_ok=True)
+        raise BadInput(f"{what} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def summary_line(stats: dict) -> str:

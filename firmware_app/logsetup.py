@@ -133,8 +133,10 @@ class OneLineFormatter(logging.Formatter):
                 if redacted:
                     tb = "\n".join([*tb.splitlines()[:-1], what])
                 line = f"{line}\n{tb}"
-            elif what not in line:
+            elif str(exc) not in line:
                 line = f"{line} ({what})"
+            elif type(exc).__name__ not in line:
+                line = f"{line} ({type(exc).__name__})"
         line = " ".join(line.splitlines()) if not self.tracebacks else line
         if self.journald:
             line = f"<{_PRIORITY.get(record.levelno, 6)}>{line}"

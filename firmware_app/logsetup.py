@@ -219,6 +219,7 @@ def setup(verbose: int = 0, stream: Any = None) -> None:
     handler.addFilter(RepeatFilter())
     root.addHandler(handler)
     root.setLevel(level)
+    logging.getLogger("firmware_app.start").setLevel(logging.INFO)  # the start-up line, always
     pd = logging.getLogger("pydicom")
     if _echo not in pd.filters:
         pd.addFilter(_echo)

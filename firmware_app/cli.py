@@ -242,6 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         board = load_board(args.board)
+        _display_size_from_uris(board, args.display or [board.display["uri"]])
         daemon = Daemon(
             board,
             args.data_dir,
@@ -282,6 +283,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise FirmwareAppError(f"--stats {stats_path}: cannot write ({exc.strerror})") from None
     print(summary_line(stats), file=sys.stderr)
     return 0
+
+
+def _display_size_from_uris(board: object, uris: list[str]) -> None:
+    """``png:DIR?width=1920&height=1080``: the screen is rendered at that size (a framebuffer still
+    dictates its own)."""
+    from firmware_app.display.sinks import requested_size
+
+    for uri in uris:
+        size = requested_size(uri)
+        if size is not None:
+            board.display["width"], board.display["height"] = size  # type: ignore[attr-defined]
+            return
 
 
 def cmd_models(args: argparse.Namespace) -> int:

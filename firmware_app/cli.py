@@ -12,15 +12,17 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from firmware_app import __version__
-from firmware_app.errors import FirmwareAppError
+from firmware_app.errors import BadInput, FirmwareAppError
 
 log = logging.getLogger("firmware_app")
 
 DEFAULT_DATA_DIR = "/var/lib/firmware-app"
+STOP_POLL_S = 0.2  # the main thread looks at the stop event this often
 
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:
@@ -148,10 +150,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from firmware_app.logsetup import setup
+
+    setup(verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "validate":
             from firmware_app.validate import cmd_validate
+
+            if args.report:
+                check_output_dir(Path(args.report), "--report")
 
             return cmd_validate(args.model, args.dataset, args.json, args.report, args.data_dir, args.ood)
         if args.command == "doctor":
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from firmware_app.records.commands import cmd_export, cmd_export_feedback
 
+            check_data_dir(Path(args.data_dir))
             if args.feedback:
                 return cmd_export_feedback(args.data_dir, args.to)
             return cmd_export(args.data_dir, args.to, args.deidentify, purge=args.purge)
@@ -211,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a path the checks above could not foresee: one line, never a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        log.debug("%s", exc, exc_info=True)
+        print(f"firmware-app: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -219,38 +229,72 @@ def cmd_run(args: argparse.Namespace) -> int:
     from firmware_app.config import load_board
     from firmware_app.daemon import Daemon
 
-    board = load_board(args.board)
-    daemon = Daemon(
-        board,
-        args.data_dir,
-        model_ref=args.model,
-        source_uri=args.source,
-        display_uris=args.display,
-        max_frames=args.frames,
-        capture_every=args.capture_every or 0,
-        silent_trial=args.silent_trial,
-        results_path=args.results,
-    )
-    pipeline = daemon.pipeline
-    for notice in pipeline.choice.notices:
-        print(f"firmware-app: notice: {notice}", file=sys.stderr)
+    stats_path = Path(args.stats) if args.stats else None
+    if stats_path is not None:
+        check_output_file(stats_path, "--stats")
+    # SIGTERM/SIGINT only set an event, whichever thread the kernel hands them to and whenever they come
+    # (start-up included); the main thread never blocks longer than STOP_POLL_S, so it sees the event.
+    stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        daemon.stop()
+        stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stats = daemon.run()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        board = load_board(args.board)
+        _display_size_from_uris(board, args.display or [board.display["uri"]])
+        daemon = Daemon(
+            board,
+            args.data_dir,
+            model_ref=args.model,
+            source_uri=args.source,
+            display_uris=args.display,
+            max_frames=args.frames,
+            capture_every=args.capture_every or 0,
+            silent_trial=args.silent_trial,
+            results_path=args.results,
+        )
+        pipeline = daemon.pipeline
+        for notice in pipeline.choice.notices:
+            print(f"firmware-app: notice: {notice}", file=sys.stderr)
+        try:
+            if not stopping.is_set():
+                daemon.start()
+                while not stopping.is_set() and not pipeline.wait(STOP_POLL_S):
+                    pass
+            if stopping.is_set():
+                log.info("signal: stopping")
+                daemon.stop()
+        finally:
+            daemon.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stats = pipeline.stats()
     if pipeline.t_first_result_shown_ns is not None:
         age = process_age_s()
         if age is not None:
             since_first = (time.monotonic_ns() - pipeline.t_first_result_shown_ns) / 1e9
             stats["startup_s"] = round(age - since_first, 3)
-    if args.stats:
-        write_json(Path(args.stats), stats)
+    if stats_path is not None:
+        try:
+            write_json(stats_path, stats)
+        except OSError as exc:
+            raise FirmwareAppError(f"--stats {stats_path}: cannot write ({exc.strerror})") from None
     print(summary_line(stats), file=sys.stderr)
     return 0
+
+
+def _display_size_from_uris(board: object, uris: list[str]) -> None:
+    """``png:DIR?width=1920&height=1080``: the screen is rendered at that size (a framebuffer still
+    dictates its own)."""
+    from firmware_app.display.sinks import requested_size
+
+    for uri in uris:
+        size = requested_size(uri)
+        if size is not None:
+            board.display["width"], board.display["height"] = size  # type: ignore[attr-defined]
+            return
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -291,11 +335,61 @@ def process_age_s() -> float | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
+    """Write atomically: a reader never sees half a file; nothing is left behind when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_data_dir(path: Path) -> None:
+    """The data dir an export reads captures from and writes marks and the audit log to."""
+    if not path.exists():
+        check_output_dir(path, "--data-dir")  # made on first use
+        return
+    if not path.is_dir():
+        raise BadInput(f"--data-dir {path}: is a file, not a folder")
+    for sub in ("captures", "audit"):
+        if (path / sub).exists() and not (path / sub).is_dir():
+            raise BadInput(f"--data-dir {path}: {path / sub} is a file, not a folder")
+    _probe(path, "--data-dir", path)
+    if (path / "captures").is_dir():
+        _probe(path / "captures", "--data-dir", path)
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Before any work starts: BadInput naming ``what`` and ``path`` when the file cannot be written there."""
+    if path.is_dir():
+        raise BadInput(f"{what} {path}: is a folder, not a file")
+    folder = path.absolute().parent
+    while not folder.exists():  # missing folders are made when written: the nearest existing one counts
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadInput(f"{what} {path}: {folder} is a file, not a folder")
+    _probe(folder, what, path)
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Before any work starts: BadInput naming ``what`` and ``path`` when no files can be written in it."""
+    folder = path.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadInput(f"{what} {path}: {folder} is a file, not a folder")
+    _probe(folder, what, path)
+
+
+def _probe(folder: Path, what: str, path: Path) -> None:
+    """Prove a file can be created in ``folder`` (root ignores modes: only trying tells)."""
+    probe = folder / f".fwapp-probe-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise BadInput(f"{what} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def summary_line(stats: dict) -> str:

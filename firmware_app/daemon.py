@@ -101,6 +101,27 @@ class Daemon:
     def start(self) -> None:
         p = self.pipeline
         m = p.model.manifest
+        bundle = ""
+        if p.model.origin == "installed":
+            import hashlib
+
+            try:
+                bundle = (
+                    f" (installed, sha256 {hashlib.sha256(p.model.tflite.read_bytes()).hexdigest()[:16]})"
+                )
+            except OSError:
+                bundle = " (installed)"
+        logging.getLogger("firmware_app.start").info(  # shown at every level (logsetup)
+            "start: board %s; model %s@%s%s; backend %s; source %s; display %s; data dir %s",
+            self.board.name,
+            m.id,
+            m.version,
+            bundle,
+            p.choice.backend.name,
+            p.source.uri,
+            ", ".join(d.uri for d in p.displays) or "none",
+            self.data_dir,
+        )
         self._audit(
             "start",
             board=self.board.name,

@@ -14,6 +14,7 @@ import numpy as np
 
 from firmware_app.backends.base import Backend, BackendPlugin, TensorSpec
 from firmware_app.errors import BackendUnavailable, BadModel
+from firmware_app.logsetup import quiet_native_stderr
 from firmware_app.plugins import register
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ class LiteRTBackend(Backend):
         if delegates:
             kwargs["experimental_delegates"] = delegates
         try:
-            self._interp = mod.Interpreter(**kwargs)
-            self._interp.allocate_tensors()
+            with quiet_native_stderr():  # its "Created TensorFlow Lite XNNPACK delegate" line: -v only
+                self._interp = mod.Interpreter(**kwargs)
+                self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             if delegates:
                 raise BackendUnavailable(f"{path}: delegate could not run the model ({exc})") from None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -346,7 +347,7 @@ class Screen:
             region,
         )
         self._section("model", model, self.model_rect, lambda v: self._draw_model(v, *model))
-        perf = (_fmt(state.fps, 1), _fmt(state.latency_ms, 0))
+        perf = ("—", "—") if state.no_signal else (_fmt(state.fps, 1), _fmt(state.latency_ms, 0))
         self._section("perf", perf, self.perf_rect, lambda v: self._draw_perf(v, *perf))
         msgs = tuple(state.messages[: self.message_lines])
         self._section("messages", msgs, self.messages_rect, lambda v: self._draw_messages(v, msgs))
@@ -629,7 +630,33 @@ class Screen:
         y += s.gap // 2
         for i, msg in enumerate(messages):
             color = TEXT if i == 0 else TEXT_2
+            msg = shorten_middle(msg, lambda t: self._regular.measure(t, s.small)[0] <= w)
             _, _, _, y = self._text(v, msg, 0, y, s.small, color, self._regular, max_width=w)
+
+
+def shorten_middle(text: str, fits: Callable[[str], bool]) -> str:
+    """``text`` when it fits, else shortened in the middle so that a message naming a file keeps its start
+    and the file's name (cutting at the right would lose it): the folders go first, then what follows the
+    name, then the name's start. A message without a path keeps its start and its end."""
+    if fits(text):
+        return text
+    m = re.search(r"(?:[^\s]*/)+([^\s/]+?)(?=:\s|[,;]?\s|$)", text)
+    if m is not None and m.group(1):
+        head, name, rest = text[: m.start()], m.group(1), text[m.end() :]
+        for k in range(len(name), 3, -1):
+            candidate = f"{head}…{name[len(name) - k :]}{rest}"
+            if fits(candidate):
+                return candidate
+            if k == len(name) or k <= 12:  # the name whole (or nearly), without what follows it
+                bare = f"{head}…{name[len(name) - k :]}"
+                if rest and fits(bare + "…"):
+                    return bare + "…"
+    for keep in range(len(text) - 1, 0, -1):
+        tail = keep // 2
+        candidate = text[: keep - tail].rstrip() + "…" + (text[len(text) - tail :] if tail else "")
+        if fits(candidate):
+            return candidate
+    return "…"
 
 
 def _fmt(value: float | None, digits: int) -> str:

@@ -122,6 +122,31 @@ def _no_params(uri: str, params: dict[str, str]) -> None:
         raise BadDisplay(f"display {uri!r}: unknown option(s) {', '.join(sorted(params))}")
 
 
+def _size_params(uri: str, params: dict[str, str], size: tuple[int, int]) -> tuple[int, int]:
+    """``?width=W&height=H`` (either or both) chooses the canvas size, else ``size`` (the board's)."""
+    out = list(size)
+    for i, key in enumerate(("width", "height")):
+        if key in params:
+            text = params.pop(key)
+            if not text.isdigit() or not 16 <= int(text) <= 8192:
+                raise BadDisplay(
+                    f"display {uri!r}: {key}={text!r} is not a whole number of pixels in 16..8192"
+                )
+            out[i] = int(text)
+    if min(out) <= 0:
+        raise BadDisplay(f"display {uri!r}: give both width and height")
+    return out[0], out[1]
+
+
+def requested_size(uri: str) -> tuple[int, int] | None:
+    """The (width, height) a png:/video: URI asks for with ``?width=&height=``, else None: the screen is
+    rendered at that size (``run`` sets it as the board's display size)."""
+    scheme, _, params = parse_display_uri(uri)
+    if scheme not in ("png", "video") or not ({"width", "height"} & params.keys()):
+        return None
+    return _size_params(uri, params, (0, 0))
+
+
 @register_display
 class NullDisplay(Display):
     """Discards every canvas (counts them)."""
@@ -296,6 +321,7 @@ class PngDisplay(Display):
         if not target:
             raise BadDisplay(f"display {uri!r}: png needs a folder, e.g. png:/tmp/screen")
         every = params.pop("every", "0")
+        size = _size_params(uri, params, size)
         _no_params(uri, params)
         try:
             n = int(every)
@@ -362,6 +388,7 @@ class VideoDisplay(Display):
 
     @classmethod
     def from_uri(cls, uri, target, params, size, fps, sysfs_root):
+        size = _size_params(uri, params, size)
         _no_params(uri, params)
         if not target:
             raise BadDisplay(f"display {uri!r}: video needs a file name, e.g. video:/tmp/screen.mp4")

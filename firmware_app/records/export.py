@@ -288,7 +288,7 @@ def _patient_study(ds: Any, cap: Capture) -> None:
             "StudyDescription",
             "InstitutionName",
         ):
-            if kw in hdr and hdr[kw].value not in (None, ""):
+            if kw in hdr and hdr[kw].value not in (None, "") and _valid(hdr[kw]):
                 setattr(ds, kw, hdr[kw].value)
     digest = hashlib.sha256(st.study_uid.encode()).hexdigest().upper()
     if not ds.PatientID:
@@ -304,11 +304,25 @@ def _patient_study(ds: Any, cap: Capture) -> None:
                 ("AcquisitionDate", "AcquisitionTime"),
                 ("ContentDate", "ContentTime"),
             ):
-                if hdr.get(d):
+                if hdr.get(d) and _valid(hdr[d]) and (t not in hdr or _valid(hdr[t])):
                     date, time_ = str(hdr.get(d)), str(hdr.get(t) or "000000")
                     break
         ds.StudyDate = ds.StudyDate or date
         ds.StudyTime = ds.StudyTime or time_
+
+
+def _valid(elem: Any) -> bool:
+    """False for a source element whose value breaks its VR (a birth date ``1971022X``): it is left out
+    of the export (a Type 2 attribute stays empty) and the log names the keyword, never the value."""
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    try:
+        validate_value(elem.VR, elem.value, config.RAISE)
+    except (ValueError, TypeError):
+        log.warning("source header %s is not a valid %s value: left out of the export", elem.keyword, elem.VR)
+        return False
+    return True
 
 
 def _common(

@@ -282,6 +282,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise FirmwareAppError(f"--stats {stats_path}: cannot write ({exc.strerror})") from None
     print(summary_line(stats), file=sys.stderr)
+    if not pipeline.source.live and stats["frames_in"] == 0 and stats.get("frames_rejected"):
+        why = next((m.removeprefix("Skipped ") for m in pipeline.messages() if m.startswith("Skipped ")), "")
+        print(
+            f"firmware-app: error: {pipeline.source.uri}: no usable frame ({why or 'see above'})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

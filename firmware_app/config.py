@@ -15,6 +15,7 @@ from typing import Any
 from firmware_app.device.gpio import GpioConfig, parse_gpio_config
 from firmware_app.device.serial_link import SerialConfig, parse_serial_config
 from firmware_app.errors import BadConfig
+from firmware_app.sources.image_header import DEFAULT_MAX_PIXELS
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.tomlio import load_toml
 
@@ -43,6 +44,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "crop": ((list,), None),
         "blackout": ((list,), []),
         "reconnect_s": (_NUM, 1.0),
+        # images: an image over this many pixels is decoded at 1/2, 1/4 or 1/8 scale (sources.video)
+        "max_pixels": ((int,), DEFAULT_MAX_PIXELS),
     },
     "model": {"id": ((str,), "us-fluid-seg")},
     "backend": {
@@ -140,6 +143,8 @@ def parse_board(data: dict[str, Any], where: str, path: Path | None = None) -> B
     for sec, key in (("source", "width"), ("source", "height"), ("display", "width"), ("display", "height")):
         if not 16 <= sections[sec][key] <= 8192:
             raise BadConfig(f"{where}: [{sec}] {key} {sections[sec][key]} must be 16..8192")
+    if not 2**16 <= s["max_pixels"] <= 2**30:
+        raise BadConfig(f"{where}: [source] max_pixels {s['max_pixels']} must be 65536..1073741824")
     for sec, key in (("source", "fps"), ("display", "fps")):
         if not 0 < sections[sec][key] <= 480:
             raise BadConfig(f"{where}: [{sec}] {key} {sections[sec][key]} must be > 0 and <= 480")

@@ -47,7 +47,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,10 +79,51 @@ THUMB_WIDTH = 240
 
 
 # ---------------------------------------------------------------- statistics (pure numpy)
-def bootstrap_weights(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """(resamples, n) multiplicities of each case in each bootstrap resample (cases drawn with replacement)."""
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+BOOTSTRAP_CHUNK_CELLS = 1 << 20  # resamples x cases held at once (8 MB of float64 weights)
+
+
+class BootstrapWeights:
+    """The (resamples, n) multiplicities of each case in each bootstrap resample (cases drawn with
+    replacement), produced a block of resamples at a time from one seeded generator: the same numbers as
+    one (resamples, n) draw, in bounded memory. ``chunks()`` may be called again: it replays the stream."""
+
+    def __init__(self, n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> None:
+        self.n, self.resamples, self.seed = n, resamples, seed
+        self.rows = max(1, BOOTSTRAP_CHUNK_CELLS // max(n, 1))
+
+    def __len__(self) -> int:
+        return self.resamples
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        pvals = np.full(self.n, 1.0 / self.n) if self.n else np.zeros(0)
+        for start in range(0, self.resamples, self.rows):
+            rows = min(self.rows, self.resamples - start)
+            yield rng.multinomial(self.n, pvals, size=rows).astype(np.float64)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # the whole matrix, for small n only
+        full = np.concatenate(list(self.chunks())) if self.resamples else np.zeros((0, self.n))
+        return full if dtype is None else full.astype(dtype)
+
+
+def bootstrap_weights(
+    n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> BootstrapWeights:
+    """The bootstrap resamples of ``n`` cases (``BootstrapWeights``), seeded: the same figures every run."""
+    return BootstrapWeights(n, resamples, seed)
+
+
+Weights = np.ndarray | BootstrapWeights
+
+
+def _blocks(w: Weights) -> Iterator[np.ndarray]:
+    return w.chunks() if isinstance(w, BootstrapWeights) else iter([np.asarray(w, np.float64)])
+
+
+def _per_block(w: Weights, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` (weights block -> one value per resample) over every block, concatenated."""
+    parts = [fn(block) for block in _blocks(w)]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _ci(boot: np.ndarray) -> list[float] | None:
@@ -101,7 +142,7 @@ def _metric(value: float, boot: np.ndarray | None = None, **extra: Any) -> dict[
     return out
 
 
-def ratio(num: np.ndarray, den: np.ndarray, w: np.ndarray | None = None) -> tuple[float, np.ndarray | None]:
+def ratio(num: np.ndarray, den: np.ndarray, w: Weights | None = None) -> tuple[float, np.ndarray | None]:
     """sum(num) / sum(den) over the cases, and its bootstrap replicates when ``w`` is given."""
     num = np.asarray(num, np.float64)
     den = np.asarray(den, np.float64)
@@ -109,24 +150,32 @@ def ratio(num: np.ndarray, den: np.ndarray, w: np.ndarray | None = None) -> tupl
     value = float(num.sum() / d) if d > 0 else float("nan")
     if w is None:
         return value, None
-    bd = w @ den
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = np.where(bd > 0, (w @ num) / np.where(bd > 0, bd, 1.0), np.nan)
-    return value, boot
+
+    def block(wb: np.ndarray) -> np.ndarray:
+        bd = wb @ den
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(bd > 0, (wb @ num) / np.where(bd > 0, bd, 1.0), np.nan)
+
+    return value, _per_block(w, block)
 
 
-def auc_score(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> tuple[float, np.ndarray | None]:
+def auc_score(y: np.ndarray, s: np.ndarray, w: Weights | None = None) -> tuple[float, np.ndarray | None]:
     """Area under the ROC curve (ties count one half), and its bootstrap replicates for weights ``w``."""
     y = np.asarray(y, np.float64)
     s = np.asarray(s, np.float64)
     _, inv = np.unique(s, return_inverse=True)
-    k = int(inv.max()) + 1 if inv.size else 0
+    inv = inv.ravel()
+    # cases sorted by score; ``starts`` opens each group of equal scores (sums per score without an n x k
+    # indicator matrix: at 12000 cases that was a 1 GB array)
+    order = np.argsort(inv, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0]) if inv.size else np.zeros(0, np.int64)
+    y_sorted = y[order]
 
     def area(weights: np.ndarray) -> np.ndarray:  # weights (R, n) -> (R,)
-        g = np.zeros((inv.size, k))
-        g[np.arange(inv.size), inv] = 1.0
-        pos = (weights * y) @ g
-        neg = (weights * (1.0 - y)) @ g
+        ws = weights[:, order]
+        pos = np.add.reduceat(ws * y_sorted, starts, axis=1)
+        neg = np.add.reduceat(ws * (1.0 - y_sorted), starts, axis=1)
+        del ws
         below = np.cumsum(neg, axis=1) - neg
         num = (pos * (below + 0.5 * neg)).sum(axis=1)
         den = pos.sum(axis=1) * neg.sum(axis=1)
@@ -136,7 +185,7 @@ def auc_score(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> tupl
     if y.size == 0:
         return float("nan"), (None if w is None else np.full(len(w), np.nan))
     value = float(area(np.ones((1, y.size)))[0])
-    return value, (None if w is None else area(w))
+    return value, (None if w is None else _per_block(w, area))
 
 
 def calibration_bins(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
@@ -159,7 +208,7 @@ def ece_from_bins(stats: np.ndarray) -> float:
     return float(np.abs(stats[2] - stats[1]).sum() / n) if n > 0 else float("nan")
 
 
-def ece_score(per_case: np.ndarray, w: np.ndarray | None = None) -> tuple[float, np.ndarray | None]:
+def ece_score(per_case: np.ndarray, w: Weights | None = None) -> tuple[float, np.ndarray | None]:
     """ECE of per-case bin statistics [n, 3, bins], and its bootstrap replicates."""
     if per_case.size == 0:
         return float("nan"), (None if w is None else np.full(len(w), np.nan))
@@ -167,11 +216,14 @@ def ece_score(per_case: np.ndarray, w: np.ndarray | None = None) -> tuple[float,
     if w is None:
         return value, None
     flat = per_case.reshape(len(per_case), -1)
-    tot = (w @ flat).reshape(len(w), 3, -1)
-    n = tot[:, 0].sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = np.abs(tot[:, 2] - tot[:, 1]).sum(axis=1) / np.where(n > 0, n, np.nan)
-    return value, boot
+
+    def block(wb: np.ndarray) -> np.ndarray:
+        tot = (wb @ flat).reshape(len(wb), 3, -1)
+        n = tot[:, 0].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.abs(tot[:, 2] - tot[:, 1]).sum(axis=1) / np.where(n > 0, n, np.nan)
+
+    return value, _per_block(w, block)
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -272,3 +272,19 @@ def _swap_proof(path, kit):
     fields["add"][0]["proof"] = base64.b64encode(Ed25519PrivateKey.generate().sign(b"not a proof")).decode()
     raw, sig = sign_manifest(fields, kit.key)
     write_bundle(path, raw, sig, [])
+
+
+def test_reinstall_after_rollback_says_which_version_runs(kit):
+    kit.install(kit.bundle("1.0.0", 1))
+    kit.install(kit.bundle("1.1.0", 2))
+    rollback(kit.data, MODEL_ID)
+    again = kit.install(kit.bundle("1.1.0", 2, name="again.fwb"))
+    assert again.status == "unchanged" and "already installed" not in again.message
+    assert again.message == (
+        "Model selfie-seg 1.1.0 not installed: its sequence 2 is the floor of selfie-seg, where 1.0.0 runs; "
+        "`firmware-app models rollback selfie-seg` switches back to it"
+    )
+    other = kit.install(kit.bundle("1.2.0", 2, name="other.fwb"))
+    assert "where 1.0.0 runs; installing it again needs a bundle with sequence 3 or more" in other.message
+    rollback(kit.data, MODEL_ID)
+    assert "is already installed (sequence 2)" in kit.install(kit.bundle("1.1.0", 2, name="3.fwb")).message

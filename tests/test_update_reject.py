@@ -76,6 +76,21 @@ def test_flipped_byte_in_payload(kit):
     assert "payload/model.tflite" in out.message
 
 
+def padding_offset(path, name):
+    """Byte offset of the first padding byte after a member's data (the member must not fill its block)."""
+    with tarfile.open(path, "r:") as tar:
+        member = tar.getmember(name)
+    assert member.size % 512, f"{name} fills its last block: no padding to test"
+    return member.offset_data + member.size
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "payload/manifest.toml"])
+def test_non_zero_tar_padding_is_refused(kit, name):
+    b = kit.bundle("1.1.0", 2)
+    out = assert_rejected(kit, flip(b, padding_offset(b, name)), "non-zero byte(s) in the tar padding")
+    assert out.message.startswith(f"Rejected: {name}: 1 non-zero byte(s)")
+
+
 def test_flipped_byte_in_a_tar_header(kit):
     b = kit.bundle("1.1.0", 2)
     assert_rejected(kit, flip(b, data_offset(b, "payload/model.tflite") - 512 + 10), "damaged tar header")

@@ -6,16 +6,20 @@ import csv
 import importlib.util
 import json
 import sys
+import tracemalloc
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from firmware_app import validate as validate_mod
 from firmware_app.validate import (
     auc_score,
     bootstrap_weights,
+    calibration_bins,
     cmd_validate,
+    ece_score,
     expected_calibration_error,
     match_boxes,
     ratio,
@@ -218,3 +222,47 @@ def test_dicom_images_go_through_the_same_path_as_png(tmp_path, capsys) -> None:
     assert rc == 0 and out["n"] == 7 and out["problems"] == [], err
     rows = {r["file"]: r for r in csv.DictReader((rep / "cases.csv").open())}
     assert rows["case_0000.dcm"]["score"] == rows["case_0000.png"]["score"]
+
+
+def _full_weights(n: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """What bootstrap_weights drew before it was chunked: one (resamples, n) multinomial draw."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def test_chunked_bootstrap_gives_exactly_the_figures_of_the_full_matrix(monkeypatch):
+    monkeypatch.setattr(validate_mod, "BOOTSTRAP_CHUNK_CELLS", 997)  # many blocks of a few resamples
+    rng = np.random.default_rng(3)
+    n = 300
+    y = (rng.random(n) < 0.3).astype(np.float64)
+    s = np.round(rng.random(n) * 0.5 + 0.4 * y, 2)  # ties
+    w = bootstrap_weights(n, 250)
+    full = _full_weights(n, 250)
+    assert np.array_equal(np.asarray(w), full)
+    for fn, args in ((ratio, (y, np.ones(n))), (auc_score, (y, s))):
+        v_chunked, b_chunked = fn(*args, w)
+        v_full, b_full = fn(*args, full)
+        assert v_chunked == v_full and np.array_equal(b_chunked, b_full, equal_nan=True)
+    bins = np.stack([calibration_bins([si], [yi]) for si, yi in zip(s, y)])
+    # sums of non-integer probabilities: a block's matrix product may add in another order (last bits)
+    np.testing.assert_allclose(ece_score(bins, w)[1], ece_score(bins, full)[1], rtol=1e-12, atol=0)
+
+
+def test_bootstrap_at_12000_cases_stays_under_200_mb():
+    rng = np.random.default_rng(0)
+    n = 12000
+    y = (rng.random(n) < 0.2).astype(np.float64)
+    s = rng.random(n) * 0.6 + 0.4 * y  # every score distinct: 12000 score groups
+    p = (s >= 0.5).astype(np.float64)
+    bins = np.stack([calibration_bins([si], [yi]) for si, yi in zip(s, y)])
+    tracemalloc.start()
+    try:
+        w = bootstrap_weights(n)
+        _, sens = ratio(p * y, y, w)
+        auc, auc_boot = auc_score(y, s, w)
+        _, ece_boot = ece_score(bins, w)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(sens) == len(auc_boot) == len(ece_boot) == 1000
+    assert np.isfinite(auc_boot).all() and 0.5 < auc < 1.0
+    assert peak < 200 * 2**20, f"bootstrap peaked at {peak / 2**20:.0f} MB"

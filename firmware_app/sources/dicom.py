@@ -9,7 +9,12 @@ With ``watch=0`` the source ends after the files present at start.
 Pixels become the Frame contract (HxW gray or HxWx3 BGR uint8) in ``to_display_uint8``: modality LUT or
 rescale, then the VOI LUT or the first window (else a robust min-max of the frame), MONOCHROME1 inverted
 so that high = bright, PALETTE COLOR through its palette, RGB/YBR to BGR. 8-bit grayscale without any
-LUT or window (ultrasound) is passed through unchanged.
+LUT or window (ultrasound) is passed through unchanged. A Rescale Slope/Intercept or Window
+Center/Width that is not a finite number, a slope of 0, or values that overflow float32 over the stored
+range would give a flat or garbage frame: the file is refused by name instead.
+
+A file without the 128-byte preamble is read when it starts like a data element (file meta or a bare
+dataset, either byte order).
 
 A broken file raises ``BadFrame("PATH: problem")`` from ``read``; the next ``read`` moves on. Compressed
 transfer syntaxes decode through pydicom's plugins (pylibjpeg, ...); when none is installed, the file is
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -64,6 +70,11 @@ _DECODER_HINTS: dict[str, tuple[str, str]] = {
     "1.2.840.10008.1.2.5": ("an RLE decoder", "pip install pylibjpeg pylibjpeg-rle"),
 }
 _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+class _BadValue(ValueError):
+    """An attribute whose value would turn the frame into garbage (NaN, overflow): the file is refused."""
 
 
 def _one_line(exc: BaseException | str, limit: int = 200) -> str:
@@ -92,6 +103,42 @@ class _DisplayMapper:
         self.bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
         self._palette: tuple[np.ndarray, int] | None = None
         self._voi_range: tuple[float, float] | None = None
+        if self.pi in ("MONOCHROME1", "MONOCHROME2"):
+            self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Rescale and window values must be finite and keep every stored value finite in float32."""
+        values = {}
+        for name, keyword, macro in (
+            ("Rescale Slope", "RescaleSlope", "PixelValueTransformationSequence"),
+            ("Rescale Intercept", "RescaleIntercept", "PixelValueTransformationSequence"),
+            ("Window Center", "WindowCenter", "FrameVOILUTSequence"),
+            ("Window Width", "WindowWidth", "FrameVOILUTSequence"),
+        ):
+            value = _first_float(self._attr(keyword, macro), None)
+            if value is not None and not np.isfinite(value):
+                raise _BadValue(f"{name} {value} is not a finite number")
+            if value is not None and abs(value) > _F32_MAX:
+                raise _BadValue(f"{name} {value:g} is out of range (more than {_F32_MAX:.3g})")
+            values[name] = value
+        if self.ds.get("ModalityLUTSequence"):
+            return
+        slope, intercept = values["Rescale Slope"], values["Rescale Intercept"]
+        if slope is None and intercept is None:
+            return
+        slope = 1.0 if slope is None else slope
+        intercept = 0.0 if intercept is None else intercept
+        if slope == 0.0:
+            raise _BadValue("Rescale Slope 0 maps every pixel to one value")
+        bits = min(max(self.bits_stored, 1), 64)
+        signed = int(self.ds.get("PixelRepresentation") or 0) == 1
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        ends = [slope * float(v) + intercept for v in (lo, hi)]
+        if not all(np.isfinite(e) and abs(e) <= _F32_MAX for e in ends):
+            raise _BadValue(
+                f"Rescale Slope {slope:g} / Intercept {intercept:g} overflow: stored values {lo}..{hi} "
+                f"map beyond +-{_F32_MAX:.3g}"
+            )
 
     # -- dispatch --
     def __call__(self, arr: np.ndarray, photometric: str | None = None) -> np.ndarray:
@@ -259,6 +306,8 @@ def load_frames(path: str | os.PathLike[str]) -> Iterator[tuple[np.ndarray, dict
         frames = decoder.iter_array(ds, as_rgb=True)
     except BadFrame:
         raise
+    except _BadValue as exc:
+        raise BadFrame(f"{path}: {exc}") from None
     except Exception as exc:  # anything odd in a file from outside is that file's problem
         raise BadFrame(f"{path}: cannot read ({_one_line(exc)})") from None
     index = 0
@@ -269,6 +318,8 @@ def load_frames(path: str | os.PathLike[str]) -> Iterator[tuple[np.ndarray, dict
                 break
             arr, props = item
             pixels = mapper(arr, str(props.get("photometric_interpretation") or mapper.pi))
+        except _BadValue as exc:
+            raise BadFrame(f"{path}: {exc}") from None
         except Exception as exc:
             where = f" (frame {index + 1} of {n_frames})" if n_frames > 1 else ""
             raise BadFrame(f"{path}: {_pixel_problem(exc, tsyntax)}{where}") from None
@@ -322,8 +373,8 @@ def _read_dataset(path: str) -> Any:
         except InvalidDicomError:
             # No 128-byte preamble + 'DICM': accept a bare dataset only when it starts like one
             with open(path, "rb") as fh:
-                head = fh.read(2)
-            if head not in (b"\x08\x00", b"\x00\x08", b"\x02\x00", b"\x00\x02"):
+                head = fh.read(8)
+            if not _starts_like_dataset(head, size):
                 raise BadFrame(f"{path}: not a DICOM file (no 'DICM' marker)") from None
             ds = pydicom.dcmread(path, force=True)
     except BadFrame:
@@ -343,6 +394,24 @@ def _read_dataset(path: str) -> Any:
     if missing:
         raise BadFrame(f"{path}: image attributes missing: {', '.join(missing)}")
     return ds
+
+
+def _starts_like_dataset(head: bytes, size: int) -> bool:
+    """Do these first bytes read as a data element (file meta or dataset, either byte order, explicit or
+    implicit VR)? An even group up to the pixel data's, then a VR of two capitals or a length that fits."""
+    if len(head) < 8:
+        return False
+    for order in "<>":
+        group, _element = struct.unpack(order + "HH", head[:4])
+        if group % 2 or not 0x0002 <= group <= 0x7FE0:
+            continue
+        vr = head[4:6]
+        if vr.isalpha() and vr.isupper():
+            return True
+        (length,) = struct.unpack(order + "I", head[4:8])
+        if length <= size - 8:
+            return True
+    return False
 
 
 def _decoder_for(path: str, ds: Any) -> tuple[Any, Any]:

@@ -3,7 +3,13 @@ frame processed; ``?loop=1`` loops) and ``images:DIR`` (every image file of a fo
 
 A video without a board ``crop`` has its imaging region found in the stream (``region_detect``): full
 frames until it is, then cut to it ("detected"). An image folder keeps the full frame (a still shows
-nothing moving)."""
+nothing moving).
+
+An image's header is read before it is decoded (``image_header``). One larger than the board's
+``[source] max_pixels`` (default 40 MP) is decoded at 1/2, 1/4 or 1/8 scale, the first that fits; JPEG
+scales while decoding, other formats are decoded whole (in gray, one byte a pixel, when reduced) and then
+shrunk, so they may claim at most ``FULL_DECODE_FACTOR`` x max_pixels. A file that does not fit, or
+does not decode, is one BadFrame naming it; the folder goes on with the next file."""
 
 from __future__ import annotations
 
@@ -13,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
 from firmware_app.errors import BadFrame, BadSource
 from firmware_app.sources import register
 from firmware_app.sources.base import Source, int_param
+from firmware_app.sources.image_header import DEFAULT_MAX_PIXELS, read_header
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.sources.region_detect import RegionDetector
 from firmware_app.types import Frame
@@ -24,6 +32,76 @@ from firmware_app.types import Frame
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm"}
+# a format the decoder cannot scale is decoded whole before it is shrunk: at most this x max_pixels
+FULL_DECODE_FACTOR = 4
+_REDUCED = {
+    (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    (2, False): cv2.IMREAD_REDUCED_COLOR_2,
+    (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+    (8, False): cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def _mp(pixels: int) -> str:
+    mp = pixels / 1e6
+    return f"{mp:.0f} MP" if mp >= 10 else f"{mp:.2g} MP"
+
+
+def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int]:
+    """Decode one image file to uint8 HxW or HxWx3 BGR; returns (pixels, scale denominator 1/2/4/8).
+
+    The header is read first: an image over ``max_pixels`` is decoded reduced, one that cannot be
+    brought under it is refused before anything is allocated. Raises BadFrame("PATH: problem").
+    """
+    try:
+        with open(path, "rb") as fh:
+            header = read_header(fh)
+    except OSError as exc:
+        raise BadFrame(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise BadFrame(f"{path}: {exc}") from None
+    w, h = header.width, header.height
+    size = f"{w}x{h} ({_mp(header.pixels)})"
+    scale = next((s for s in (1, 2, 4, 8) if -(-w // s) * -(-h // s) <= max_pixels), None)
+    if scale is None:
+        raise BadFrame(
+            f"{path}: {size} is too large even at 1/8 scale ([source] max_pixels = {_mp(max_pixels)})"
+        )
+    if scale == 1:
+        flags = cv2.IMREAD_UNCHANGED
+    else:
+        if not header.scales_in_decoder and header.pixels > FULL_DECODE_FACTOR * max_pixels:
+            raise BadFrame(
+                f"{path}: {size} is too large: a {header.format.upper()} is decoded whole, and this "
+                f"is over {FULL_DECODE_FACTOR} x [source] max_pixels ({_mp(max_pixels)})"
+            )
+        # a reduced decode of a format decoded whole is done in gray: one byte a pixel while decoding
+        gray = header.gray or not header.scales_in_decoder
+        flags = _REDUCED[scale, gray]
+        log.info(
+            "%s: %s is over [source] max_pixels: decoded at 1/%d scale%s",
+            path,
+            size,
+            scale,
+            " in gray" if gray and not header.gray else "",
+        )
+    try:
+        img = cv2.imread(str(path), flags)
+    except cv2.error as exc:
+        raise BadFrame(f"{path}: OpenCV cannot decode it ({' '.join(str(exc).split())[-160:]})") from None
+    if img is None:
+        raise BadFrame(f"{path}: not an image OpenCV can read (corrupt or truncated {header.format.upper()})")
+    if img.dtype != np.uint8:
+        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    elif img.ndim == 3 and img.shape[2] != 3:
+        raise BadFrame(f"{path}: {img.shape[2]} channels; expected gray, colour or colour + alpha")
+    return img, scale
 
 
 def _bool_param(uri: str, params: dict[str, str], name: str, default: bool) -> bool:
@@ -107,9 +185,16 @@ class VideoFileSource(Source):
 class ImageFolderSource(Source):
     live = False
 
-    def __init__(self, uri: str, folder: Path, profile: SourceProfile | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        folder: Path,
+        profile: SourceProfile | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         super().__init__(uri, profile)
         self.folder = folder
+        self.max_pixels = max_pixels
         self._files: list[Path] = []
         self._i = 0
 
@@ -117,7 +202,7 @@ class ImageFolderSource(Source):
     def from_uri(cls, uri, target, params, *, profile, options: dict[str, Any]) -> ImageFolderSource:
         if params:
             raise BadSource(f"source {uri!r}: images: takes no parameters")
-        return cls(uri, Path(target), profile)
+        return cls(uri, Path(target), profile, int(options.get("max_pixels") or DEFAULT_MAX_PIXELS))
 
     def open(self) -> None:
         if not self.folder.is_dir():
@@ -135,11 +220,8 @@ class ImageFolderSource(Source):
             return None
         path = self._files[self._i]
         self._i += 1
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise BadFrame(f"{path}: not an image OpenCV can read")
-        if img.dtype != "uint8":
-            img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype("uint8")
-        if img.ndim == 3 and img.shape[2] == 4:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-        return self.make_frame(img, {"path": str(path), "name": path.name})
+        img, scale = decode_image(path, self.max_pixels)
+        meta: dict[str, Any] = {"path": str(path), "name": path.name}
+        if scale != 1:
+            meta["decode_scale"] = scale
+        return self.make_frame(img, meta)

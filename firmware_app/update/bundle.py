@@ -326,8 +326,18 @@ class BundleReader:
 
     def _data(self, member: _Member) -> bytes:
         data = self._read(member.size)
-        self.pos += -member.size % BLOCK
+        self.skip_padding(member)
         return data
+
+    def skip_padding(self, member: _Member) -> None:
+        """Read the zeros that fill ``member``'s last block: bytes there are outside every signed size."""
+        self.pos = member.offset + member.size
+        pad = self._read(-member.size % BLOCK)
+        if pad.strip(b"\0"):
+            raise BundleRejected(
+                f"{member.name}: {len(pad) - pad.count(0)} non-zero byte(s) in the tar padding after its data "
+                "(hidden data outside the signed sizes)"
+            )
 
     def read_signed(self, trust: TrustStore, now: datetime) -> tuple[BundleManifest, TrustedKey]:
         """manifest.json and manifest.sig: the signature is checked before the manifest is parsed."""
@@ -397,7 +407,7 @@ def _write_checked(reader: BundleReader, member: _Member, entry: FileEntry, targ
             left -= len(chunk)
     finally:
         os.close(fd)
-    reader.pos = member.offset + member.size + (-member.size % BLOCK)
+    reader.skip_padding(member)
     if digest.hexdigest() != entry.sha256:
         raise BundleRejected(
             f"{member.name}: SHA-256 does not match the signed manifest (swapped in from another release, or damaged)"

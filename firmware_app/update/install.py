@@ -217,7 +217,7 @@ def _install(
             return Outcome(
                 name,
                 "unchanged",
-                f"Model {manifest.describe()} is already installed (sequence {floor}); nothing to do",
+                _unchanged_message(mdir, manifest, floor),
                 0,
                 manifest.model_id,
                 manifest.version,
@@ -275,6 +275,25 @@ def _install(
         0,
         manifest.model_id,
         manifest.version,
+    )
+
+
+def _unchanged_message(mdir: Path, manifest: BundleManifest, floor: int) -> str:
+    """A bundle at the floor: already running, or at the floor because it was rolled back from (or a
+    failed install was undone); say which version runs and how to get the bundle's version back."""
+    cur = active_slot(mdir)
+    active = slot_manifest(mdir, cur)
+    if active is not None and (active.version, active.sequence) == (manifest.version, manifest.sequence):
+        return f"Model {manifest.describe()} is already installed (sequence {floor}); nothing to do"
+    previous = slot_manifest(mdir, other(cur)) if cur else None
+    if previous is not None and (previous.version, previous.sequence) == (manifest.version, floor):
+        how = f"`firmware-app models rollback {manifest.model_id}` switches back to it"
+    else:
+        how = f"installing it again needs a bundle with sequence {floor + 1} or more"
+    runs = f"{active.version} runs" if active is not None else "no updated version runs"
+    return (
+        f"Model {manifest.describe()} not installed: its sequence {manifest.sequence} is the floor of "
+        f"{manifest.model_id}, where {runs}; {how}"
     )
 
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from firmware_app import audit as audit_mod
-from firmware_app.audit import AuditLog, verify_log
+from firmware_app.audit import AuditLog, check_log, verify_log
 from firmware_app.update.commands import cmd_audit_verify
 
 
@@ -41,7 +41,9 @@ def test_edited_line_is_found(data_dir, log):
     ls[2] = ls[2].replace(b"1.2.0", b"9.9.9")
     rewrite(data_dir, ls)
     assert verify_log(data_dir) == [
-        "audit/000001.jsonl line 4: hash chain broken (the line before it was edited, removed or inserted)"
+        "audit/000001.jsonl line 3: MAC invalid (edited, forged, moved or reordered; a valid MAC needs the "
+        "device key)",
+        "audit/000001.jsonl line 4: hash chain broken (the line before it was edited, removed or inserted)",
     ]
 
 
@@ -72,11 +74,14 @@ def test_reordered_lines_are_found(data_dir, log):
 def test_edited_or_removed_last_line_is_found(data_dir, log):
     ls = lines(data_dir)
     rewrite(data_dir, [*ls[:-1], ls[-1].replace(b"1.5.0", b"1.6.0")])
-    assert verify_log(data_dir) == [
-        "audit/000001.jsonl line 6: does not match audit/HEAD (the last line was edited)"
-    ]
+    problems = verify_log(data_dir)
+    assert problems[0].startswith("audit/000001.jsonl line 6: MAC invalid")
+    assert "audit/000001.jsonl line 6: differs from what audit/HEAD sealed" in problems[1]
     rewrite(data_dir, ls[:-1])
-    assert verify_log(data_dir) == ["audit/HEAD: the log ends at seq 5 but HEAD says 6 (last lines removed)"]
+    assert verify_log(data_dir) == [
+        "audit/HEAD: the log ends at seq 5 but audit/HEAD says 6 (last lines removed, the log deleted, or an "
+        "older copy of it put back)"
+    ]
 
 
 def test_garbage_line_and_removed_head_are_found(data_dir, log):
@@ -102,13 +107,19 @@ def test_chain_runs_across_rotated_files_and_a_removed_file_is_found(data_dir, m
     assert any(p.startswith(f"audit/{files[2].name} line 1: hash chain broken") for p in problems)
 
 
-def test_a_torn_last_line_is_reported_and_the_chain_goes_on(data_dir, log):
+def test_a_torn_last_line_is_a_crash_not_tampering_and_the_next_append_drops_it(data_dir, log):
     with open(data_dir / "audit" / "000001.jsonl", "ab") as fh:
         fh.write(b'{"seq":7,"ev')  # power cut in the middle of a write
+    report = check_log(data_dir)
+    assert report.problems == []
+    assert report.notes == [
+        "audit/000001.jsonl line 7: incomplete last line (crash or full disk), 12 bytes, ignored"
+    ]
     log.append("boot", starts=1)
-    problems = verify_log(data_dir)
-    assert problems == ["audit/000001.jsonl line 7: not an audit record (edited, torn or inserted)"]
-    assert json.loads(lines(data_dir)[-1])["seq"] == 7
+    assert verify_log(data_dir) == []
+    recovered, boot = (json.loads(line) for line in lines(data_dir)[-2:])
+    assert (recovered["event"], recovered["seq"], recovered["dropped_bytes"]) == ("audit_recovered", 7, 12)
+    assert (boot["event"], boot["seq"]) == ("boot", 8)
 
 
 def test_concurrent_writers_keep_one_chain(data_dir):

@@ -63,6 +63,8 @@ TAMPER_FOUND = "audit_tamper_found"
 LINE_CONTEXT = b"firmware-app audit line v2\0"
 HEAD_CONTEXT = b"firmware-app audit head v2\0"
 SEAL_CONTEXT = b"firmware-app audit seal v2\0"
+MARKER = "audit.marker"  # in keys/, written once: "this device MACs its log from seq S on"
+MARKER_CONTEXT = b"firmware-app audit marker v2\0"
 _HKDF_INFO = b"firmware-app audit log mac v2"
 _RESERVED = ("seq", "time", "event", "prev", "mac")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
@@ -162,6 +164,32 @@ def _read_state(path: Path, key: bytes | None, context: bytes) -> tuple[_State |
     return _State(state["file"], state["seq"], state["sha256"], state["mac"], True), None
 
 
+def _marker_bytes(key: bytes, since: int) -> bytes:
+    body = {"since": int(since)}
+    seal = hmac.new(key, MARKER_CONTEXT + _canonical(body), hashlib.sha256).hexdigest()
+    return _canonical({**body, "seal": seal}) + b"\n"
+
+
+def _read_marker(data_dir: Path, key: bytes | None) -> tuple[int | None, str | None]:
+    """(since, None), (None, None) when there is no marker, or (None, problem)."""
+    path = data_dir / "keys" / MARKER
+    try:
+        raw = path.read_bytes()[:4096]
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    try:
+        since = int(json.loads(raw)["since"])
+    except (ValueError, TypeError, KeyError):
+        return None, "unreadable (edited)"
+    if key is None:
+        return None, "the device key is missing: it cannot be checked"
+    if raw != _marker_bytes(key, since):
+        return None, "seal invalid (edited or forged; making one needs the device key)"
+    return since, None
+
+
 # -- writing -------------------------------------------------------------------------------------------------
 @dataclass
 class _Tail:
@@ -170,6 +198,7 @@ class _Tail:
     sha256: str = GENESIS
     mac: str | None = None  # of the last line; None for a legacy line or an empty log
     before_mac: bool = False  # the line before the last one carries a MAC
+    first_mac: int | None = None  # seq of the first MAC'd line, when it is among the last few
     dropped: bytes = b""  # a torn last line, cut off
 
 
@@ -230,12 +259,30 @@ class AuditLog:
             start = self._write(path, b"".join(line + b"\n" for line in lines), new_file)
             state = {"file": path.name, "seq": seq, "sha256": prev, "mac": prev_mac}
             self._commit_head(key, state, path, start, new_file)
+            if tail.mac is None and not self._write_marker(key, tail.seq + 1):
+                return record  # the seal comes after the marker; the next append makes both
             try:
                 write_atomic(self.data_dir / SEAL, _state_bytes(key, SEAL_CONTEXT, state), 0o600)
             except OSError as exc:  # the line is in, sealed by HEAD; the next append completes the seal
                 log.warning("audit log: %s not updated (%s); the next append retries", SEAL, exc)
                 _remove_tmp(self.data_dir / SEAL)
         return record
+
+    def _write_marker(self, key: bytes, since: int, strict: bool = False) -> bool:
+        """Say once, in keys/ where the log cannot be edited, from which seq on the log is MAC'd."""
+        from firmware_app.records.crypto import keys_dir
+        from firmware_app.records.fsutil import write_new
+
+        try:
+            write_new(keys_dir(self.data_dir) / MARKER, _marker_bytes(key, since), 0o600, "the audit marker")
+        except FileExistsError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a full disk: the next append retries
+            if strict:
+                raise
+            log.warning("audit log: keys/%s not written (%s); the next append retries", MARKER, exc)
+            return False
+        return True
 
     def _write(self, path: Path, data: bytes, new_file: bool) -> int:
         """Append ``data`` and fsync, all or nothing: on any failure the file is cut back. Its old size."""
@@ -302,9 +349,20 @@ class AuditLog:
                 findings.append("audit/HEAD: not sealed, although the log is")
             if seal is None and not seal_problem:
                 findings.append(f"{SEAL}: missing")
+        since, marker_problem = _read_marker(self.data_dir, key)
+        if marker_problem:
+            findings.append(f"keys/{MARKER}: {marker_problem}")
+        elif since is not None and tail.mac is None:
+            findings.append(
+                f"keys/{MARKER}: the log is MAC'd from seq {since} on, but it ends at seq {tail.seq} without a MAC"
+            )
+        elif since is None and tail.mac is not None and (seal is not None or tail.first_mac is None):
+            findings.append(f"keys/{MARKER}: missing, although the log is MAC'd")
         state = {"file": tail.path.name if tail.path else "", "seq": tail.seq, "sha256": tail.sha256}
         if tail.mac is not None and not findings:
             state["mac"] = tail.mac
+            if since is None and tail.first_mac is not None:  # a crash before the marker was made
+                self._write_marker(key, tail.first_mac, strict=True)
             for path, context, st in (
                 (self.dir / "HEAD", HEAD_CONTEXT, head),
                 (self.data_dir / SEAL, SEAL_CONTEXT, seal),
@@ -342,7 +400,14 @@ class AuditLog:
                     found.append(record)
                     if len(found) == 2:
                         tail.before_mac = isinstance(record.get("mac"), str)
+                    if not isinstance(record.get("mac"), str):
+                        macd = [r["seq"] for r in found if isinstance(r.get("mac"), str)]
+                        tail.first_mac = macd[-1] if macd else None
                         return tail
+                    if len(found) == 8:
+                        return tail
+        if found and isinstance(found[-1].get("mac"), str) and found[-1]["seq"] == 1:
+            tail.first_mac = 1
         return tail
 
 
@@ -548,7 +613,20 @@ def _check_end(
         problems.append(f"audit/HEAD: {head_problem}")
     if seal_problem:
         problems.append(f"{SEAL}: {seal_problem}")
-    if head_problem or seal_problem:
+    since, marker_problem = _read_marker(root, keys.get() if (root / "keys" / MARKER).exists() else None)
+    if marker_problem:
+        problems.append(f"keys/{MARKER}: {marker_problem}")
+    if head_problem or seal_problem or marker_problem:
+        return
+    if since is not None and first_mac != since:
+        found = f"from seq {first_mac}" if first_mac else "not at all"
+        problems.append(
+            f"keys/{MARKER}: the log is MAC'd from seq {since} on, but here {found} (deleted, rewritten in the "
+            "old format, or restarted)"
+        )
+        return
+    if since is None and first_mac and seal is not None:  # (no seal yet: a crash before the marker)
+        problems.append(f"keys/{MARKER}: missing (removed), although the log is MAC'd and sealed")
         return
     if not last and seal is None and head is None:
         evidence = _device_evidence(root)

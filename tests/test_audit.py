@@ -164,4 +164,86 @@ def test_audit_verify_command(data_dir, log, capsys):
     ls = lines(data_dir)
     rewrite(data_dir, [ls[0], ls[2], ls[1], *ls[3:]])
     assert cmd_audit_verify(data_dir) == 1
-    assert "audit: audit/000001.jsonl line 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "audit: audit/000001.jsonl line 2" in err
+    assert err.splitlines()[-1].startswith("audit log NOT intact: ")
+
+
+def write_legacy_log(data_dir, n=4):
+    """A log as the version before the MACs wrote it: SHA-256 chain and a plain HEAD."""
+    prev, out = audit_mod.GENESIS, []
+    for seq in range(1, n + 1):
+        record = {
+            "event": "capture",
+            "frame": seq,
+            "prev": prev,
+            "seq": seq,
+            "time": "2024-01-01T00:00:00.000Z",
+        }
+        line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        prev = audit_mod._hash(line)
+        out.append(line)
+    (data_dir / "audit").mkdir()
+    rewrite(data_dir, out)
+    head = {"file": "000001.jsonl", "seq": n, "sha256": prev}
+    (data_dir / "audit" / "HEAD").write_text(json.dumps(head, sort_keys=True) + "\n")
+
+
+def test_a_legacy_log_verifies_and_says_its_tail_is_unprotected(data_dir, capsys):
+    write_legacy_log(data_dir)
+    assert verify_log(data_dir) == []
+    assert cmd_audit_verify(data_dir) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "4 line(s) in 1 file(s)" in out and "legacy, unprotected tail" in out
+
+
+def test_the_first_macd_line_seals_a_legacy_log(data_dir, capsys):
+    write_legacy_log(data_dir)
+    AuditLog(data_dir).append("start", version="0.2.0")
+    assert verify_log(data_dir) == []
+    assert cmd_audit_verify(data_dir) == 0
+    assert "the first 4 line(s) are legacy, sealed by the first MAC'd line" in capsys.readouterr().out
+    ls = lines(data_dir)
+    rewrite(data_dir, [ls[0].replace(b'"frame":1', b'"frame":7'), *ls[1:]])
+    assert verify_log(data_dir) == [
+        "audit/000001.jsonl line 2: hash chain broken (the line before it was edited, removed or inserted)"
+    ]
+
+
+def test_every_line_carries_a_mac_and_the_end_is_sealed_twice(data_dir, log):
+    records = [json.loads(line) for line in lines(data_dir)]
+    assert all(len(r["mac"]) == 64 for r in records) and len({r["mac"] for r in records}) == 6
+    for path in (data_dir / "audit" / "HEAD", data_dir / "audit.seal"):
+        state = json.loads(path.read_text())
+        assert (state["seq"], state["mac"]) == (6, records[-1]["mac"]) and len(state["seal"]) == 64
+    assert not list((data_dir / "keys").glob("*.pub"))
+
+
+def test_a_full_disk_while_the_marker_is_written_raises_no_false_alarm(data_dir, monkeypatch):
+    import errno
+    import os
+
+    from firmware_app.errors import FirmwareAppError
+    from firmware_app.records import fsutil
+
+    audit_mod.mac_key(data_dir)  # the device key exists; the disk fills up before the first line
+    real = os.write
+
+    def full(fd, data):
+        if "/keys/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(fsutil, "_os_write", full)
+    log = AuditLog(data_dir)
+    log.append("start")  # the line and HEAD are in; the marker (and so the seal) wait
+    assert not (data_dir / "keys" / "audit.marker").exists() and not (data_dir / "audit.seal").exists()
+    assert verify_log(data_dir) == []
+    with pytest.raises((OSError, FirmwareAppError)):
+        log.append("capture", frame=1)  # the marker first: still no room
+    assert verify_log(data_dir) == []
+    monkeypatch.undo()
+    log.append("capture", frame=2)
+    assert verify_log(data_dir) == []
+    assert json.loads((data_dir / "keys" / "audit.marker").read_text())["since"] == 1

@@ -13,7 +13,7 @@ checkpoint, one needs the device key; removing a checkpoint breaks the ``previou
 
 The public key is never written to ``keys/*.pub``: those are the keys trusted to sign update bundles.
 ``verify_checkpoints`` derives it from the private key. Lines after the last checkpoint are protected by
-the chain alone (and by the next checkpoint).
+their MACs and the sealed end of the log (``firmware_app.audit``), and by the next checkpoint.
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ of the next file chains to the last line of the one before.
 The end of the log is sealed twice, each a small JSON state ``{file, seq, sha256, mac}`` of the last line
 with a ``seal`` (HMAC under K with its own context), replaced atomically after every append:
 ``audit/HEAD``, and ``<data-dir>/audit.seal`` outside the audit folder, so that removing the folder, cutting
-lines off its end or putting back an older copy of it (lines + HEAD) is found. An append writes the
-line(s), fsync, HEAD, then the seal; verify accepts exactly the states a crash between these steps leaves
-(the log at most one line past HEAD, HEAD at most one past the seal), and the next append completes them.
+lines off its end or putting back an older copy of it (lines + HEAD) is found. ``keys/audit.marker``,
+written once (sealed too), says from which seq on the log is MAC'd: a log deleted with its seal, or
+rewritten in the old format, is found as well. An append writes the line(s), fsync, HEAD, the marker (the
+first time), then the seal; verify accepts exactly the states a crash between these steps leaves (the log at
+most one line past HEAD, HEAD at most one past the seal), and the next append completes them.
 
 Appends are all-or-nothing: a failed write (a full disk) is cut back to the last complete line, and a failed
 HEAD update takes the line back out. A torn last line (a power cut mid-write) is reported by verify as an
@@ -38,12 +40,15 @@ objects; strings are cut to MAX_STRING characters.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -518,8 +523,31 @@ def verify_log(data_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def check_log(data_dir: str | os.PathLike[str]) -> LogReport:
-    """Check the hash chain, every MAC, both seals, and that a log exists where the device says it should."""
-    root = Path(data_dir)
+    """Check the hash chain, every MAC, both seals, and that a log exists where the device says it should.
+
+    The writers' lock is held meanwhile (when it can be taken), so that an append by the running daemon
+    cannot fall between reading the lines and reading the seals.
+    """
+    with _reading(Path(data_dir) / "audit"):
+        return _check_log(Path(data_dir))
+
+
+@contextmanager
+def _reading(folder: Path) -> Iterator[None]:
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC) if folder.is_dir() else -1
+    except OSError:  # no lock file yet, or a read-only data dir: nobody is writing
+        fd = -1
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _check_log(root: Path) -> LogReport:
     folder = root / "audit"
     report = LogReport()
     problems = report.problems

@@ -247,3 +247,22 @@ def test_a_full_disk_while_the_marker_is_written_raises_no_false_alarm(data_dir,
     log.append("capture", frame=2)
     assert verify_log(data_dir) == []
     assert json.loads((data_dir / "keys" / "audit.marker").read_text())["since"] == 1
+
+
+def test_verify_while_the_daemon_appends_raises_no_false_alarm(data_dir):
+    log = AuditLog(data_dir)
+    log.append("start")
+    done = threading.Event()
+
+    def write():
+        for i in range(80):
+            log.append("capture", frame=i)
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    results = []
+    while not done.is_set():
+        results.append(verify_log(data_dir))
+    writer.join()
+    assert results and all(r == [] for r in results)

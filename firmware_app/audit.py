@@ -557,6 +557,7 @@ def _check_log(root: Path) -> LogReport:
     prev, seq, prev_mac, first_mac = GENESIS, 0, GENESIS, 0
     seen: dict[int, tuple[str, str | None, str]] = {}  # seq -> (sha256 of its line, its mac, where)
     torn: tuple[str, bytes] | None = None
+    torn_before: list[str] = []  # legacy lines that are not records, until the next record says more
     for number, path in enumerate(files, start=1):
         rel = f"audit/{path.name}"
         if not _FILE.fullmatch(path.name):
@@ -576,8 +577,20 @@ def _check_log(root: Path) -> LogReport:
                 record = json.loads(raw)
                 got_seq, got_prev = int(record["seq"]), str(record["prev"])
             except (ValueError, TypeError, KeyError):
-                problems.append(f"{where}: not an audit record (edited, torn or inserted)")
+                if not first_mac and raw.startswith(b'{"') and len(raw) <= MAX_LINE_BYTES:
+                    torn_before.append(where)  # the old writer went on after a torn line: see below
+                else:
+                    problems.append(f"{where}: not an audit record (edited, torn or inserted)")
                 continue
+            for torn_where in torn_before:
+                if got_prev == prev and got_seq == seq + 1:
+                    report.notes.append(
+                        f"{torn_where}: incomplete line an older version left (crash or full disk); the chain "
+                        "goes on over it"
+                    )
+                else:
+                    problems.append(f"{torn_where}: not an audit record (edited, torn or inserted)")
+            torn_before.clear()
             if got_prev != prev:
                 problems.append(
                     f"{where}: hash chain broken (the line before it was edited, removed or inserted)"
@@ -614,6 +627,7 @@ def _check_log(root: Path) -> LogReport:
             prev, seq = _hash(raw), got_seq
             seen[seq] = (prev, None if mac is None else str(mac), where)
             report.lines += 1
+    problems += [f"{w}: not an audit record (edited, torn or inserted)" for w in torn_before]
     report.last_seq = seq
     _check_end(root, report, keys, seen, first_mac)
     if torn is not None:

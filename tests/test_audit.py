@@ -266,3 +266,14 @@ def test_verify_while_the_daemon_appends_raises_no_false_alarm(data_dir):
         results.append(verify_log(data_dir))
     writer.join()
     assert results and all(r == [] for r in results)
+
+
+def test_a_torn_line_the_old_writer_went_on_after_is_a_note_not_tampering(data_dir, capsys):
+    write_legacy_log(data_dir)
+    ls = lines(data_dir)
+    rewrite(data_dir, [*ls[:2], b'{"event":"capt', *ls[2:]])  # a full disk, then the old writer went on
+    assert verify_log(data_dir) == []
+    assert cmd_audit_verify(data_dir) == 0
+    assert "line 3: incomplete line an older version left (crash or full disk)" in capsys.readouterr().out
+    rewrite(data_dir, [*ls[:2], b'{"event":"capt', *ls[3:]])  # not when the chain does not go on over it
+    assert "audit/000001.jsonl line 3: not an audit record (edited, torn or inserted)" in verify_log(data_dir)

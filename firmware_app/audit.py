@@ -14,9 +14,10 @@ of the next file chains to the last line of the one before.
 The end of the log is sealed twice, each a small JSON state ``{file, seq, sha256, mac}`` of the last line
 with a ``seal`` (HMAC under K with its own context), replaced atomically after every append:
 ``audit/HEAD``, and ``<data-dir>/audit.seal`` outside the audit folder, so that removing the folder, cutting
-lines off its end or putting back an older copy of it (lines + HEAD) is found. ``keys/audit.marker``,
-written once (sealed too), says from which seq on the log is MAC'd: a log deleted with its seal, or
-rewritten in the old format, is found as well. An append writes the line(s), fsync, HEAD, the marker (the
+lines off its end or putting back an older copy of it (lines + HEAD) is found. ``keys/audit.marker``
+(sealed too) says from which seq on the log is MAC'd: a log deleted with its seal, or rewritten in the old
+format, is found as well; every signed checkpoint raises its floor (``AuditLog.mark``) to the checkpoint's
+line, so that the log and its seal put back to a copy from before it are found too. An append writes the line(s), fsync, HEAD, the marker (the
 first time), then the seal; verify accepts exactly the states a crash between these steps leaves (the log at
 most one line past HEAD, the seal behind HEAD), and the next append completes them.
 
@@ -169,14 +170,24 @@ def _read_state(path: Path, key: bytes | None, context: bytes) -> tuple[_State |
     return _State(state["file"], state["seq"], state["sha256"], state["mac"], True), None
 
 
-def _marker_bytes(key: bytes, since: int) -> bytes:
-    body = {"since": int(since)}
+@dataclass(frozen=True)
+class _Marker:
+    """keys/audit.marker: the log is MAC'd from seq ``since`` on, and had reached seq ``floor`` (whose line
+    has MAC ``floor_mac``) at the last signed checkpoint."""
+
+    since: int
+    floor: int = 0
+    floor_mac: str = ""
+
+
+def _marker_bytes(key: bytes, marker: _Marker) -> bytes:
+    body = {"floor": int(marker.floor), "floor_mac": str(marker.floor_mac), "since": int(marker.since)}
     seal = hmac.new(key, MARKER_CONTEXT + _canonical(body), hashlib.sha256).hexdigest()
     return _canonical({**body, "seal": seal}) + b"\n"
 
 
-def _read_marker(data_dir: Path, key: bytes | None) -> tuple[int | None, str | None]:
-    """(since, None), (None, None) when there is no marker, or (None, problem)."""
+def _read_marker(data_dir: Path, key: bytes | None) -> tuple[_Marker | None, str | None]:
+    """(marker, None), (None, None) when there is none, or (None, problem)."""
     path = data_dir / "keys" / MARKER
     try:
         raw = path.read_bytes()[:4096]
@@ -185,14 +196,15 @@ def _read_marker(data_dir: Path, key: bytes | None) -> tuple[int | None, str | N
     except OSError as exc:
         return None, f"unreadable ({exc.strerror or exc})"
     try:
-        since = int(json.loads(raw)["since"])
+        data = json.loads(raw)
+        marker = _Marker(int(data["since"]), int(data["floor"]), str(data["floor_mac"]))
     except (ValueError, TypeError, KeyError):
         return None, "unreadable (edited)"
     if key is None:
         return None, "the device key is missing: it cannot be checked"
-    if raw != _marker_bytes(key, since):
+    if raw != _marker_bytes(key, marker):
         return None, "seal invalid (edited or forged; making one needs the device key)"
-    return since, None
+    return marker, None
 
 
 # -- writing -------------------------------------------------------------------------------------------------
@@ -273,13 +285,41 @@ class AuditLog:
                 _remove_tmp(self.data_dir / SEAL)
         return record
 
+    def mark(self, seq: int) -> None:
+        """Raise the floor in keys/audit.marker to ``seq`` (a signed checkpoint's line): the log, its HEAD
+        and its seal put back to a copy from before it are found then. Logged, not raised, on failure."""
+        with locked(self.dir / ".lock", what="audit log write"):
+            key = self._key or mac_key(self.data_dir)
+            assert key is not None
+            marker, problem = _read_marker(self.data_dir, key)
+            tail = self._tail()
+            if marker is None or problem or seq > tail.seq or seq <= marker.floor or tail.mac is None:
+                return
+            mac = tail.mac if seq == tail.seq else None
+            if mac is None:
+                return  # only the last line's MAC is at hand; the next checkpoint raises it
+            try:
+                write_atomic(
+                    self.data_dir / "keys" / MARKER,
+                    _marker_bytes(key, _Marker(marker.since, seq, mac)),
+                    0o600,
+                )
+            except OSError as exc:
+                log.warning("audit log: keys/%s floor not raised (%s)", MARKER, exc)
+                _remove_tmp(self.data_dir / "keys" / MARKER)
+
     def _write_marker(self, key: bytes, since: int, strict: bool = False) -> bool:
         """Say once, in keys/ where the log cannot be edited, from which seq on the log is MAC'd."""
         from firmware_app.records.crypto import keys_dir
         from firmware_app.records.fsutil import write_new
 
         try:
-            write_new(keys_dir(self.data_dir) / MARKER, _marker_bytes(key, since), 0o600, "the audit marker")
+            write_new(
+                keys_dir(self.data_dir) / MARKER,
+                _marker_bytes(key, _Marker(since)),
+                0o600,
+                "the audit marker",
+            )
         except FileExistsError:
             pass
         except Exception as exc:  # noqa: BLE001 - a full disk: the next append retries
@@ -354,9 +394,15 @@ class AuditLog:
                 findings.append("audit/HEAD: not sealed, although the log is")
             if seal is None and not seal_problem:
                 findings.append(f"{SEAL}: missing")
-        since, marker_problem = _read_marker(self.data_dir, key)
+        marker, marker_problem = _read_marker(self.data_dir, key)
+        since = marker.since if marker is not None else None
         if marker_problem:
             findings.append(f"keys/{MARKER}: {marker_problem}")
+        elif marker is not None and marker.floor > tail.seq:
+            findings.append(
+                f"keys/{MARKER}: the log had reached seq {marker.floor} at a signed checkpoint, but it ended at "
+                f"seq {tail.seq}"
+            )
         elif since is not None and tail.mac is None:
             findings.append(
                 f"keys/{MARKER}: the log is MAC'd from seq {since} on, but it ends at seq {tail.seq} without a MAC"
@@ -677,7 +723,8 @@ def _check_end(
         problems.append(f"audit/HEAD: {head_problem}")
     if seal_problem:
         problems.append(f"{SEAL}: {seal_problem}")
-    since, marker_problem = _read_marker(root, keys.get() if (root / "keys" / MARKER).exists() else None)
+    marker, marker_problem = _read_marker(root, keys.get() if (root / "keys" / MARKER).exists() else None)
+    since = marker.since if marker is not None else None
     if marker_problem:
         problems.append(f"keys/{MARKER}: {marker_problem}")
     if head_problem or seal_problem or marker_problem:
@@ -689,6 +736,15 @@ def _check_end(
             "old format, or restarted)"
         )
         return
+    if marker is not None and marker.floor:
+        line = seen.get(marker.floor)
+        if line is None or line[1] != marker.floor_mac:
+            problems.append(
+                f"keys/{MARKER}: the log had reached seq {marker.floor} at a signed checkpoint, but "
+                + (f"seq {marker.floor} is another line here" if line else f"here it ends at seq {last}")
+                + " (an older copy of the log and its seals put back)"
+            )
+            return
     if since is None and first_mac and seal is not None:  # (no seal yet: a crash before the marker)
         problems.append(f"keys/{MARKER}: missing (removed), although the log is MAC'd and sealed")
         return

@@ -205,3 +205,20 @@ def test_crash_mid_append_raises_no_false_alarm(data_dir, log, capsys):
     log.append("stop")
     assert tampered(data_dir, capsys) == []
     assert [r["event"] for r in records(data_dir)][-4:] == ["audit_recovered", "start", "capture", "stop"]
+
+
+def test_older_copy_of_the_log_and_its_seal_put_back_is_found_past_a_checkpoint(
+    data_dir, log, tmp_path, capsys
+):
+    old = tmp_path / "old"
+    shutil.copytree(data_dir / "audit", old / "audit")
+    for path in data_dir.glob("audit.seal"):
+        shutil.copy(path, old / path.name)
+    log.append("update_rejected", model_id="us-fluid-seg", version="7.0.0", reason="sequence too old")
+    write_checkpoint(data_dir, log)  # signed: keys/ now remembers how far the log got
+    shutil.rmtree(data_dir / "audit")
+    shutil.copytree(old / "audit", data_dir / "audit")  # the whole log, HEAD and the seal of that time
+    for path in old.glob("audit.seal"):
+        shutil.copy(path, data_dir / path.name)
+    problems = tampered(data_dir, capsys)
+    assert any("at a signed checkpoint" in p for p in problems)

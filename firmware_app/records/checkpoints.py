@@ -149,7 +149,7 @@ def write_checkpoint(data_dir: str | os.PathLike[str], audit: Any = None) -> dic
     key = load_device_key(data_dir)
     assert key is not None
     signature = key.sign(_message(seq, sha, previous))
-    return audit.append(
+    record = audit.append(
         EVENT,
         head_seq=seq,
         head_sha256=sha,
@@ -157,6 +157,10 @@ def write_checkpoint(data_dir: str | os.PathLike[str], audit: Any = None) -> dic
         key_id=key_id(key.public_key()),
         signature=signature.hex(),
     )
+    mark = getattr(audit, "mark", None)
+    if mark is not None:  # keys/audit.marker remembers how far the log had got: a rollback is found
+        mark(record["seq"])
+    return record
 
 
 class Checkpointer:

@@ -292,16 +292,14 @@ class AuditLog:
             key = self._key or mac_key(self.data_dir)
             assert key is not None
             marker, problem = _read_marker(self.data_dir, key)
-            tail = self._tail()
-            if marker is None or problem or seq > tail.seq or seq <= marker.floor or tail.mac is None:
+            tail = self._tail(cut=False)
+            # Only the last line's MAC is at hand: when another line came first, the next checkpoint raises it.
+            if marker is None or problem or tail.mac is None or seq != tail.seq or seq <= marker.floor:
                 return
-            mac = tail.mac if seq == tail.seq else None
-            if mac is None:
-                return  # only the last line's MAC is at hand; the next checkpoint raises it
             try:
                 write_atomic(
                     self.data_dir / "keys" / MARKER,
-                    _marker_bytes(key, _Marker(marker.since, seq, mac)),
+                    _marker_bytes(key, _Marker(marker.since, seq, tail.mac)),
                     0o600,
                 )
             except OSError as exc:
@@ -426,11 +424,11 @@ class AuditLog:
                         raise
         return head, seal, findings
 
-    def _tail(self) -> _Tail:
+    def _tail(self, cut: bool = True) -> _Tail:
         """The newest log file and its last well-formed line; a torn last line is cut off (and kept)."""
         files = sorted(p for p in self.dir.glob("*.jsonl") if _FILE.fullmatch(p.name))
         tail = _Tail(files[-1] if files else None)
-        if tail.path is not None:
+        if tail.path is not None and cut:
             tail.dropped = _cut_torn_line(tail.path)
         found: list[dict[str, Any]] = []
         for path in reversed(files):

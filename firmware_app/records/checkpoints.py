@@ -13,7 +13,7 @@ checkpoint, one needs the device key; removing a checkpoint breaks the ``previou
 
 The public key is never written to ``keys/*.pub``: those are the keys trusted to sign update bundles.
 ``verify_checkpoints`` derives it from the private key. Lines after the last checkpoint are protected by
-the chain alone (and by the next checkpoint).
+their MACs and the sealed end of the log (``firmware_app.audit``), and by the next checkpoint.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def write_checkpoint(data_dir: str | os.PathLike[str], audit: Any = None) -> dic
     key = load_device_key(data_dir)
     assert key is not None
     signature = key.sign(_message(seq, sha, previous))
-    return audit.append(
+    record = audit.append(
         EVENT,
         head_seq=seq,
         head_sha256=sha,
@@ -157,6 +157,10 @@ def write_checkpoint(data_dir: str | os.PathLike[str], audit: Any = None) -> dic
         key_id=key_id(key.public_key()),
         signature=signature.hex(),
     )
+    mark = getattr(audit, "mark", None)
+    if mark is not None:  # keys/audit.marker remembers how far the log had got: a rollback is found
+        mark(record["seq"])
+    return record
 
 
 class Checkpointer:

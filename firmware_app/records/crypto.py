@@ -2,8 +2,8 @@
 
 The key is 32 random bytes in ``<data-dir>/keys/capture.key`` (mode 0600, folder 0700), created
 atomically on first use: two processes starting together end up with the same key, and a crash while
-creating it leaves no key file at all. Losing the key makes every capture unreadable: it never leaves the
-device, and nothing but the captures depends on it.
+creating it leaves no key file at all. Losing the key makes every capture unreadable, and the audit log's
+MACs uncheckable (``firmware_app.audit`` derives its MAC key from it with HKDF): it never leaves the device.
 
 Capture files are versioned by their first 8 bytes, the format's magic (``FWCAPv2\n``, ``FWCAPv1\n``):
 

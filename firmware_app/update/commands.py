@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from firmware_app.audit import verify_log
+from firmware_app.audit import check_log
 from firmware_app.config import load_board
 from firmware_app.errors import FirmwareAppError
 from firmware_app.update.install import install_bundle, rollback
@@ -74,15 +74,14 @@ def cmd_selftest(data_dir: str | Path, board_ref: str | None = None) -> int:
 
 
 def cmd_audit_verify(data_dir: str | Path) -> int:
-    """``firmware-app audit verify``: 0 when the hash chain is intact, 1 with one line per problem."""
-    problems = verify_log(data_dir)
-    for problem in problems:
+    """``firmware-app audit verify``: 0 and one line when the log is intact, 1 with one line per problem."""
+    report = check_log(data_dir)
+    for problem in report.problems:
         print(f"audit: {problem}", file=sys.stderr)
-    if problems:
+    if report.problems:
+        print(report.summary(), file=sys.stderr)
         return 1
-    files = sorted((Path(data_dir) / "audit").glob("*.jsonl"))
-    lines = sum(f.read_bytes().count(b"\n") for f in files)
-    print(f"audit log intact: {lines} line(s) in {len(files)} file(s), hash chain verified")
+    print(report.summary())
     return 0
 
 

@@ -209,3 +209,8 @@ class InferenceStage:
 
     def close(self) -> None:
         self.choice.backend.close()
+
+    def detach(self) -> None:
+        """Forget the callbacks into the pipeline (it is closed); a late retry then tells nobody."""
+        self._notify = lambda _message: None
+        self._on_error = lambda: None

@@ -338,6 +338,10 @@ class Pipeline:
                 sink.close()
             except Exception as exc:  # noqa: BLE001 - one sink failing at close must not lose the others
                 log.error("closing %s: %s", type(sink).__name__, exc)
+        # the presenter and the inference stage point back here: let go, so a closed pipeline (its frames,
+        # tensors, screen) is freed at once, not at the next garbage collection
+        self.presenter.bind(None)
+        self.inference.detach()
 
     def run(self) -> dict[str, Any]:
         """Start, wait for the end, close; returns stats()."""

@@ -425,3 +425,20 @@ def test_frame_of_another_size_than_the_crop_is_skipped(float_model_dir):
     finally:
         p.close()
     assert any("frame skipped" in m for m in p.messages())
+
+
+def test_a_closed_pipeline_is_freed_at_once_not_at_the_next_garbage_collection(float_model_dir):
+    """A bench or a model test runs many pipelines in one process: each one's frames, tensors and
+    interpreter must go when it is closed (no reference cycle keeps them)."""
+    import gc
+    import weakref
+
+    p = make(float_model_dir, "synthetic:ultrasound?fps=0&width=160&height=120", max_frames=5)
+    p.run()
+    ref = weakref.ref(p)
+    gc.disable()
+    try:
+        del p
+        assert ref() is None
+    finally:
+        gc.enable()

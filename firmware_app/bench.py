@@ -201,8 +201,9 @@ def run_bench(
     # share of frames it shows (it refreshes at the display's rate, not the model's)
     shown_share = full["frames_shown"] / max(full["frames_inferred"], 1)
     cpu = full["cpu_ms"]
-    p50 = {s: cpu.get(s, {}).get("p50", 0.0) for s in ("preprocess", "postprocess", "render", "display")}
-    overhead = p50["preprocess"] + p50["postprocess"] + shown_share * (p50["render"] + p50["display"])
+    per_frame = ("preprocess", "postprocess", "gate", "finding")  # the input gate and finding rules too
+    p50 = {s: cpu.get(s, {}).get("p50", 0.0) for s in (*per_frame, "render", "display")}
+    overhead = sum(p50[s] for s in per_frame) + shown_share * (p50["render"] + p50["display"])
     pipeline_fps = full["pipeline_fps"]
     m = model.manifest
     return {

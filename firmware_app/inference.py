@@ -40,6 +40,10 @@ class Prepared:
     tensor: Any
     ns: int
     cpu_ns: int
+    finding: Any = None  # the finding stage whose gate judged the frame, and its verdict
+    verdict: Any = None
+    gate_ns: int = 0
+    gate_cpu_ns: int = 0
 
 
 class InferenceStage:
@@ -123,13 +127,19 @@ class InferenceStage:
         thread does it again for the new input tensor. A frame that cannot be pre-processed is left to the
         inference thread, which reports it like any failed frame.
         """
-        pre = self.preprocess
+        pre, finding = self.preprocess, self.finding
         t0, c0 = time.monotonic_ns(), time.thread_time_ns()
         try:
             tensor = pre(frame.pixels, out=pre.new_buffer())
         except Exception:  # noqa: BLE001 - reported by the inference thread, which tries again
             return None
-        return Prepared(pre, tensor, time.monotonic_ns() - t0, time.thread_time_ns() - c0)
+        t1, c1 = time.monotonic_ns(), time.thread_time_ns()
+        try:  # the input gate too: on a board with a spare core it costs the model nothing
+            verdict = finding.check_gate(frame)
+        except Exception:  # noqa: BLE001 - judged again on the inference thread, which reports it
+            return Prepared(pre, tensor, t1 - t0, c1 - c0)
+        t2, c2 = time.monotonic_ns(), time.thread_time_ns()
+        return Prepared(pre, tensor, t1 - t0, c1 - c0, finding, verdict, t2 - t1, c2 - c1)
 
     def infer(self, frame: Frame, prepared: Prepared | None = None) -> Result:
         """preprocess (unless ``prepared`` by the capture thread) -> invoke -> postprocess, each stage timed."""
@@ -159,13 +169,21 @@ class InferenceStage:
         self.cpu_times.add_ns("postprocess", c2, c3)
         return result
 
-    def decide(self, result: Result, frame: Frame) -> Result:
-        """The input gate and the finding rules (size, persistence): what ``result`` is (tasks.finding)."""
+    def decide(self, result: Result, frame: Frame, prepared: Prepared | None = None) -> Result:
+        """The input gate (judged on the capture thread when ``prepared`` by this stage's finding stage)
+        and the finding rules (size, persistence): what ``result`` is (tasks.finding)."""
         t0, c0 = time.monotonic_ns(), time.thread_time_ns()
-        verdict = self.finding.check_gate(frame)
+        if prepared is not None and prepared.finding is self.finding:
+            verdict, gate_ns, gate_cpu = prepared.verdict, prepared.gate_ns, prepared.gate_cpu_ns
+        else:
+            verdict = self.finding.check_gate(frame)
+            gate_ns, gate_cpu = time.monotonic_ns() - t0, time.thread_time_ns() - c0
+        t1, c1 = time.monotonic_ns(), time.thread_time_ns()
         out = self.finding(result, frame, verdict)
-        self.times.add_ns("gate", t0, time.monotonic_ns())
-        self.cpu_times.add_ns("gate", c0, time.thread_time_ns())
+        self.times.add_ns("gate", 0, gate_ns)
+        self.cpu_times.add_ns("gate", 0, gate_cpu)
+        self.times.add_ns("finding", t1, time.monotonic_ns())
+        self.cpu_times.add_ns("finding", c1, time.thread_time_ns())
         return out
 
     # -- accelerator fall-back and retry --

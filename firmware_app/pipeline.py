@@ -219,8 +219,8 @@ class Pipeline:
     def infer(self, frame: Frame, prepared: Prepared | None = None) -> Result:
         return self.inference.infer(frame, prepared)
 
-    def decide(self, result: Result, frame: Frame) -> Result:
-        return self.inference.decide(result, frame)
+    def decide(self, result: Result, frame: Frame, prepared: Prepared | None = None) -> Result:
+        return self.inference.decide(result, frame, prepared)
 
     # -- events --------------------------------------------------------------------------------------
     def publish(self, event: Any) -> None:
@@ -420,7 +420,7 @@ class Pipeline:
                 continue
             try:
                 task_result = stage.infer(frame, prepared)
-                result = stage.decide(task_result, frame)
+                result = stage.decide(task_result, frame, prepared)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the device
                 log.exception("inference failed on frame %d", frame.id)
                 self.notify(f"Inference failed on frame {frame.id}: {exc}")

@@ -45,7 +45,9 @@ def screen_1080() -> ScannerScreen:
         ((1920, 1080), DecodeTarget(size=(256, 256)), 4),  # the model alone: 480x270 >= 256x256
         ((1920, 1080), DecodeTarget(size=(128, 128)), 8),
         ((1920, 1080), DecodeTarget(size=(256, 256), fit=(800, 480)), 2),  # both: the larger need wins
-        ((1200, 900), DecodeTarget(fit=(800, 480)), 1),  # 600x450 would be shown upscaled at 640x480
+        ((1200, 900), DecodeTarget(fit=(800, 480), slack=0.0), 1),  # 600x450 would be shown at 640x480
+        ((1200, 900), DecodeTarget(fit=(800, 480)), 2),  # ... a stretch of 1.07: within the 0.1 slack
+        ((1200, 900), DecodeTarget(fit=(700, 600)), 1),  # 600x450 shown at 700x525: 1.17, beyond it
         ((1200, 900), DecodeTarget(size=(320, 320)), 2),
     ],
 )

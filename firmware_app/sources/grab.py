@@ -55,13 +55,16 @@ class DecodeTarget:
 
     ``size`` (w, h): the region is stretched to it (the model's input): the decoded region must be at
     least that on both sides. ``fit`` (w, h): the region is shown inside it with its aspect kept (the
-    screen's image area): the decoded region must not be smaller than the picture shown. ``gray``: only
-    gray pixels are needed (a gray model, no colour on screen). None for both: full size.
+    screen's image area): the decoded region must not be smaller than the picture shown, give or take
+    ``slack`` (0.1: the screen may stretch it by up to 1.1x, which a 7" screen does not show; the model's
+    input is never stretched). ``gray``: only gray pixels are needed (a gray model, no colour on screen).
+    None for both: full size.
     """
 
     size: tuple[int, int] | None = None
     fit: tuple[int, int] | None = None
     gray: bool = False
+    slack: float = 0.1
 
     def scale_for(self, region_w: int, region_h: int) -> int:
         """The largest k in SCALES at which a ``region_w`` x ``region_h`` region still covers the target."""
@@ -69,7 +72,9 @@ class DecodeTarget:
             w, h = region_w / k, region_h / k
             if self.size is not None and (w < self.size[0] or h < self.size[1]):
                 continue
-            if self.fit is not None and not (w >= self.fit[0] or h >= self.fit[1]):
+            if self.fit is not None and (1 + self.slack) / k < min(
+                self.fit[0] / region_w, self.fit[1] / region_h
+            ):
                 continue
             if self.size is None and self.fit is None and k != 1:
                 continue

@@ -18,6 +18,7 @@ frame arrived (``t_arrival_ns``, monotonic): that is the frame's capture time.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -162,7 +163,43 @@ class ReplayCapture:
         self.n = 0
         self.missed = 0
         self.t_arrival_ns: int | None = None
+        self.screen: Any = None
         self._t0: float | None = None
+
+    @classmethod
+    def scanner(
+        cls,
+        fourcc: str | None = "MJPG",
+        width: int = 1920,
+        height: int = 1080,
+        fps: float = 60.0,
+        count: int | None = None,
+        distinct: int = 60,
+        seed: int = 3,
+        quality: int = 90,
+    ) -> ReplayCapture:
+        """A portable scanner's video out as a grabber delivers it: the ultrasound phantom scan-converted
+        into a fan on a ``width`` x ``height`` screen with the scanner's chrome around it
+        (``scanner_screen``), ``distinct`` frames rendered and encoded once, then ``count`` frames replayed
+        at ``fps`` in ``fourcc`` (MJPG bytes, packed YUYV or BGR for None). ``screen`` is the ScannerScreen
+        (``screen.truth(0)``: where the image is)."""
+        from firmware_app.sources.scanner_screen import Layout, ScannerScreen, frames
+
+        f = min(width / 1920, height / 1080)
+        rect = (int(360 * f), int(90 * f), int(1200 * f) // 2 * 2, int(900 * f) // 2 * 2)
+        screen = ScannerScreen(width, height, (0, Layout("phantom", rect, seed=seed)), fps=max(int(fps), 1))
+        name = f"replay:{fourcc or 'BGR'}:{width}x{height}@{fps:g}"
+        cap = cls(frames(screen, distinct), name, fourcc, fps, count, quality)
+        cap.screen = screen
+        return cap
+
+    def again(self, fps: float | None = None, count: int | None = None) -> ReplayCapture:
+        """Another replay of the same (already encoded) frames, from the start."""
+        twin = copy.copy(self)
+        twin.fps = self.fps if fps is None else float(fps)
+        twin.count = self.count if count is None else int(count)
+        twin.opened, twin.n, twin.missed, twin.t_arrival_ns, twin._t0 = False, 0, 0, None, None
+        return twin
 
     def open(self) -> bool:
         self.opened = self.n < self.count and len(self.frames) > 0
@@ -275,7 +312,8 @@ class V4l2Source(Source):
         if not target:
             raise BadSource(f"source {uri!r}: name the device, e.g. v4l2:/dev/video0 or v4l2:0")
         device: str | int = int(target) if target.isdigit() else target
-        capture = OpenCvCapture(
+        # options["capture"]: a capture object in place of the device (a test double, the capture bench)
+        capture = options.get("capture") or OpenCvCapture(
             device,
             str(options.get("fourcc", "MJPG")),
             int(options.get("width", 640)),

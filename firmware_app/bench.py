@@ -274,19 +274,22 @@ def _capture_source(cap, board, model: ModelRef):
 
 def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
     """CPU per frame, one thread, same frames: capture -> model tensor (decode at the needed scale, crop,
-    preprocess) against the naive path (OpenCV full decode, crop, resize, preprocess). They alternate
-    frame by frame, after CAPTURE_WARMUP frames (the region found)."""
+    preprocess) against the naive path (OpenCV full colour decode, as ``cv2.VideoCapture`` does, crop,
+    resize to the model's input, preprocess). Both end at the model tensor; they alternate frame by
+    frame, after CAPTURE_WARMUP frames (the region found). CPU time of the process: OpenCV's worker
+    threads count too."""
     from firmware_app.sources.grab import yuyv_frame
 
     m = model.manifest
-    spec = BackendChain.from_board(board).open(model).backend.input
+    backend = BackendChain.from_board(board).open(model).backend
+    spec = backend.input
+    backend.close()
     pre = Preprocessor(m, spec)
     src = _capture_source(cap.again(fps=0, count=CAPTURE_WARMUP + n), board, model)
     src.open()
     for _ in range(CAPTURE_WARMUP):
         frame = src.read()
     ours, naive = [], []
-    screen = (int(board.display["width"]), int(board.display["height"]))
     for i in range(n):
         c0 = time.process_time_ns()
         frame = src.read()
@@ -300,9 +303,7 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
         else:
             full = yuyv_frame(buf, cap.width, cap.height)
         region = full[y : y + h, x : x + w]
-        f = min(screen[0] / w, screen[1] / h)
-        shown = cv2.resize(region, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-        pre(shown)
+        pre(cv2.resize(region, (m.width, m.height), interpolation=cv2.INTER_AREA))
         c3 = time.process_time_ns()
         ours.append((c1 - c0) / 1e6)
         naive.append((c3 - c2) / 1e6)

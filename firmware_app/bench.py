@@ -233,6 +233,7 @@ def run_bench(
 # -- a real capture stream (``bench --capture mjpg:1920x1080@60``) ------------------------------------------
 CAPTURE_WARMUP = 120  # frames before the CPU figures count: the imaging region is found by then
 CPU_FRAMES = 300  # frames the per-frame CPU figures are measured over (capture and naive alternate)
+CAPTURE_TAIL = 60  # frames the replay has beyond those measured: the stream is ended, not unplugged
 DRIFT_SPAN = 500  # p99_drift: p99 of the last DRIFT_SPAN shown frames / p99 of the first DRIFT_SPAN
 
 
@@ -323,7 +324,7 @@ def capture_pipeline(board, model: ModelRef, cap, engine_cache: str | None = Non
     import dataclasses
     import threading
 
-    n = cap.count
+    n = cap.count - CAPTURE_TAIL
     opts = {**board.source, "capture": cap, "reconnect_s": 0.05}
     pipe_opts = {**board.pipeline, "stats_window": n + 100}
     b = dataclasses.replace(board, source=opts, pipeline=pipe_opts)
@@ -334,11 +335,12 @@ def capture_pipeline(board, model: ModelRef, cap, engine_cache: str | None = Non
     scales: list[int] = []
     p.listeners.append(lambda frame, result: scales.append(int(frame.meta.get("decode_scale", 1))))
 
-    def stop_at_the_end() -> None:  # the replay is over: the stream ends, as a file would
-        while cap.n < n and not p.source.stopping.wait(0.05):
+    def stop_at_the_end() -> None:
+        # after n frames the stream ends as a file would (the next read() returns None); the capture has
+        # a tail of frames left, so the last ones measured are not disturbed by a lost capture
+        while cap.n < n and not p.source.stopping.wait(0.01):
             pass
-        time.sleep(0.5)
-        p.stop()
+        p.source.stop()
 
     threading.Thread(target=stop_at_the_end, daemon=True).start()
     stats = p.run()
@@ -376,7 +378,7 @@ def run_capture_bench(
     engine_cache = str(Path(data_dir) / "engines") if data_dir else None
     cap = ReplayCapture.scanner(fourcc, width, height, fps, count=frames)
     cpu = capture_cpu(board, model, cap, min(CPU_FRAMES, max(frames, 30)))
-    run = capture_pipeline(board, model, cap.again(), engine_cache)
+    run = capture_pipeline(board, model, cap.again(count=frames + CAPTURE_TAIL), engine_cache)
     m = model.manifest
     out = {
         "fourcc": fourcc,

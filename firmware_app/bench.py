@@ -32,6 +32,7 @@ import numpy as np
 
 from firmware_app.backends import BackendChain
 from firmware_app.config import load_board
+from firmware_app.errors import BadSource
 from firmware_app.models.store import ModelRef, find_model
 from firmware_app.pipeline import build_pipeline
 from firmware_app.preprocess import Preprocessor
@@ -228,3 +229,181 @@ def run_bench(
         "cpu_ms": cpu,
         "paced_stages_ms": paced_stats["stages_ms"],
     }
+
+
+# -- a real capture stream (``bench --capture mjpg:1920x1080@60``) ------------------------------------------
+CAPTURE_WARMUP = 120  # frames before the CPU figures count: the imaging region is found by then
+CPU_FRAMES = 300  # frames the per-frame CPU figures are measured over (capture and naive alternate)
+CAPTURE_TAIL = 60  # frames the replay has beyond those measured: the stream is ended, not unplugged
+DRIFT_SPAN = 500  # p99_drift: p99 of the last DRIFT_SPAN shown frames / p99 of the first DRIFT_SPAN
+
+
+def parse_capture(spec: str) -> tuple[str, int, int, float]:
+    """``mjpg:1920x1080@60`` -> ("MJPG", 1920, 1080, 60.0); BadSource naming the expected form."""
+    try:
+        fourcc, rest = spec.split(":", 1)
+        size, fps = rest.split("@", 1)
+        w, h = (int(v) for v in size.lower().split("x", 1))
+        out = (fourcc.upper(), w, h, float(fps))
+    except ValueError:
+        raise BadSource(f"--capture {spec!r}: expected FOURCC:WxH@FPS, e.g. mjpg:1920x1080@60") from None
+    if out[0] not in ("MJPG", "YUYV") or w <= 0 or h <= 0 or w % 2 or out[3] <= 0:
+        raise BadSource(f"--capture {spec!r}: fourcc mjpg or yuyv, an even width, a size and fps > 0")
+    return out
+
+
+def decode_target_for(board, model: ModelRef) -> dict[str, Any]:
+    """What the composer hands the source: the model's input, the screen's image area, gray or colour."""
+    from firmware_app.display.screen import Screen
+
+    m = model.manifest
+    area = Screen(int(board.display["width"]), int(board.display["height"])).image_region
+    return {
+        "size": (m.width, m.height),
+        "fit": (area.w, area.h),
+        "gray": m.color == "gray",
+    }
+
+
+def _capture_source(cap, board, model: ModelRef):
+    from firmware_app.sources.v4l2 import V4l2Source
+
+    src = V4l2Source(f"v4l2:{cap.device}", cap, reconnect_s=0.05, profile=board.profile)
+    target = decode_target_for(board, model)
+    src.set_decode_target(target["size"], fit=target["fit"], gray=target["gray"])
+    return src
+
+
+def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
+    """CPU per frame, one thread, same frames: capture -> model tensor (decode at the needed scale, crop,
+    preprocess) against the naive path (OpenCV full colour decode, as ``cv2.VideoCapture`` does, crop,
+    resize to the model's input, preprocess). Both end at the model tensor; they alternate frame by
+    frame, after CAPTURE_WARMUP frames (the region found). CPU time of the process: OpenCV's worker
+    threads count too."""
+    from firmware_app.sources.grab import yuyv_frame
+
+    m = model.manifest
+    backend = BackendChain.from_board(board).open(model).backend
+    spec = backend.input
+    backend.close()
+    pre = Preprocessor(m, spec)
+    src = _capture_source(cap.again(fps=0, count=CAPTURE_WARMUP + n), board, model)
+    src.open()
+    for _ in range(CAPTURE_WARMUP):
+        frame = src.read()
+    ours, naive = [], []
+    for i in range(n):
+        c0 = time.process_time_ns()
+        frame = src.read()
+        pre(frame.pixels)
+        c1 = time.process_time_ns()
+        buf = cap.frames[(CAPTURE_WARMUP + i) % len(cap.frames)]
+        x, y, w, h = frame.meta["imaging_region"]
+        c2 = time.process_time_ns()
+        if cap.fourcc == "MJPG":
+            full = cv2.imdecode(np.ascontiguousarray(buf).reshape(-1), cv2.IMREAD_COLOR)
+        else:
+            full = yuyv_frame(buf, cap.width, cap.height)
+        region = full[y : y + h, x : x + w]
+        pre(cv2.resize(region, (m.width, m.height), interpolation=cv2.INTER_AREA))
+        c3 = time.process_time_ns()
+        ours.append((c1 - c0) / 1e6)
+        naive.append((c3 - c2) / 1e6)
+    src.close()
+    return {
+        "decode_scale": int(frame.meta.get("decode_scale", 1)),
+        "decoder": src.decoder.name if cap.fourcc == "MJPG" else "yuyv",
+        "imaging_region": list(frame.meta["imaging_region"]),
+        "cpu_ms_p50": round(float(np.median(ours)), 3),
+        "naive_cpu_ms_p50": round(float(np.median(naive)), 3),
+    }
+
+
+def capture_pipeline(board, model: ModelRef, cap, engine_cache: str | None = None) -> dict[str, Any]:
+    """The full pipeline fed by the paced capture double, as composed for the board (the capture stands in
+    for the device through the v4l2 source's ``capture`` option); every shown frame's latency is kept."""
+    import dataclasses
+    import threading
+
+    n = cap.count - CAPTURE_TAIL
+    opts = {**board.source, "capture": cap, "reconnect_s": 0.05}
+    pipe_opts = {**board.pipeline, "stats_window": n + 100}
+    b = dataclasses.replace(board, source=opts, pipeline=pipe_opts)
+    p = build_pipeline(b, model, f"v4l2:{cap.device}", ["null"], engine_cache=engine_cache)
+    p.options.score_truth = False
+    t = decode_target_for(board, model)
+    p.source.set_decode_target(t["size"], fit=t["fit"], gray=t["gray"])
+    scales: list[int] = []
+    p.listeners.append(lambda frame, result: scales.append(int(frame.meta.get("decode_scale", 1))))
+
+    def stop_at_the_end() -> None:
+        # after n frames the stream ends as a file would (the next read() returns None); the capture has
+        # a tail of frames left, so the last ones measured are not disturbed by a lost capture
+        while cap.n < n and not p.source.stopping.wait(0.01):
+            pass
+        p.source.stop()
+
+    threading.Thread(target=stop_at_the_end, daemon=True).start()
+    stats = p.run()
+    e2e = p.times.samples("e2e")
+    span = min(DRIFT_SPAN, len(e2e) // 2)
+    first, last = e2e[:span], e2e[-span:]
+    drift = float(np.percentile(last, 99) / np.percentile(first, 99)) if span else None
+    return {
+        "frames": n,
+        "frames_shown": len(e2e),
+        "frames_inferred": stats["frames_inferred"],
+        "frames_dropped": int(stats["frames_dropped"]) + int(cap.missed),
+        "e2e": e2e,
+        "e2e_latency_ms": _pct(e2e) if e2e else None,
+        "p99_drift": round(drift, 3) if drift is not None else None,
+        "mismatched_overlays": int(stats["mismatched_overlays"]),
+        "decode_scale_last": scales[-1] if scales else None,
+    }
+
+
+def run_capture_bench(
+    board_ref: str | None,
+    model_ref: str | None,
+    spec: str,
+    frames: int,
+    data_dir: str | None,
+    report_dir: str | None = None,
+) -> dict[str, Any]:
+    """``bench --capture FOURCC:WxH@FPS``: the DESIGN's ``capture`` object, measured in one run."""
+    from firmware_app.sources.v4l2 import ReplayCapture
+
+    fourcc, width, height, fps = parse_capture(spec)
+    board = load_board(board_ref)
+    model = find_model(model_ref or board.model["id"], data_dir)
+    engine_cache = str(Path(data_dir) / "engines") if data_dir else None
+    cap = ReplayCapture.scanner(fourcc, width, height, fps, count=frames)
+    cpu = capture_cpu(board, model, cap, min(CPU_FRAMES, max(frames, 30)))
+    run = capture_pipeline(board, model, cap.again(count=frames + CAPTURE_TAIL), engine_cache)
+    m = model.manifest
+    out = {
+        "fourcc": fourcc,
+        "width": width,
+        "height": height,
+        "fps": fps,
+        "decode_scale": cpu["decode_scale"],
+        "decoder": cpu["decoder"],
+        "imaging_region": cpu["imaging_region"],
+        "cpu_ms_p50": cpu["cpu_ms_p50"],
+        "naive_cpu_ms_p50": cpu["naive_cpu_ms_p50"],
+        "cpu_ratio": round(cpu["cpu_ms_p50"] / cpu["naive_cpu_ms_p50"], 3)
+        if cpu["naive_cpu_ms_p50"]
+        else None,
+        "e2e_latency_ms": run["e2e_latency_ms"],
+        "p99_drift": run["p99_drift"],
+        "frames": frames,
+        "frames_shown": run["frames_shown"],
+        "frames_inferred": run["frames_inferred"],
+        "frames_dropped": run["frames_dropped"],
+        "mismatched_overlays": run["mismatched_overlays"],
+    }
+    if report_dir:
+        from firmware_app.bench_report import write_report
+
+        out["report"] = write_report(report_dir, run["e2e"], out)
+    return {"model": f"{m.id}@{m.version}", "capture": out}

@@ -81,6 +81,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="source URI (default synthetic:ultrasound 640x480)")
     p.add_argument("--frames", type=_positive, default=300, help="frames per measurement (default 300)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--capture",
+        metavar="FOURCC:WxH@FPS",
+        help="also replay a grabber's stream (mjpg:1920x1080@60, yuyv:1280x720@30): adds the capture object",
+    )
+    p.add_argument(
+        "--capture-frames", type=_positive, default=1200, help="frames of the capture stream (default 1200)"
+    )
+    p.add_argument("--report", metavar="DIR", help="with --capture: latency CDF and timeline PNGs here")
 
     p = sub.add_parser("validate", help="clinical metrics of a model on a labelled dataset")
     _common(p, top=False)
@@ -167,9 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "bench":
-            from firmware_app.bench import run_bench
+            from firmware_app.bench import parse_capture, run_bench
 
+            if args.capture:
+                parse_capture(args.capture)  # a bad spec is refused before minutes of measuring
             result = run_bench(args.board, args.model, args.source, args.frames, args.data_dir)
+            if args.capture:
+                from firmware_app.bench import run_capture_bench
+
+                result["capture"] = run_capture_bench(
+                    args.board, args.model, args.capture, args.capture_frames, args.data_dir, args.report
+                )["capture"]
             print(json.dumps(result, indent=None if args.json else 2))
             return 0
         if args.command == "validate":

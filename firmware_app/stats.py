@@ -37,6 +37,11 @@ class RollingTimes:
         p50, p99 = np.percentile(arr, [50, 99])
         return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
 
+    def samples(self, stage: str) -> list[float]:
+        """The durations of ``stage`` in the window, oldest first (ms)."""
+        with self._lock:
+            return list(self._data.get(stage, ()))
+
     def summary(self) -> dict[str, dict[str, float]]:
         with self._lock:
             stages = list(self._data)

@@ -61,6 +61,7 @@ from firmware_app.records.errors import (
 )
 from firmware_app.records.fsutil import free_bytes, remove_stale_temps, write_new, write_replace
 from firmware_app.shapes import BoxShape, Heatmap, Mask, Point, Polygon, Shape
+from firmware_app.sources.grab import full_resolution
 from firmware_app.types import Frame, Result
 
 log = logging.getLogger(__name__)
@@ -1015,6 +1016,8 @@ class Recorder:
         mark: Mark | None,
     ) -> Capture:
         study, header = self._study_for(frame)
+        # a grabber's frame decoded at 1/k keeps its original: the capture is stored at full resolution
+        pixels, result = full_resolution(frame, result)
         return Capture(
             id=capture_id,
             kind=kind,
@@ -1022,7 +1025,7 @@ class Recorder:
             time_utc=_now_utc().isoformat(timespec="milliseconds"),
             frame_id=frame.id,
             t_capture_ns=frame.t_capture_ns,
-            pixels=frame.pixels,
+            pixels=pixels,
             result=result,
             model=self._model_info(model if model is not None else self._model_source()),
             study=study,

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 
 from firmware_app.errors import BadFrame, BadSource
@@ -87,14 +88,28 @@ class Source:
                 return region
         return Region.full(width, height)
 
-    def watch_region(self, pixels: np.ndarray) -> None:
-        """Feed one full frame to ``region_detector``; set ``region`` when it finds or changes one."""
+    def watch_region(self, pixels: np.ndarray, scale: int = 1, detect_scale: int | None = None) -> None:
+        """Feed one full frame to ``region_detector``; set ``region`` when it finds or changes one.
+
+        ``pixels`` is the source picture decoded at 1/``scale``; the detector always sees it at
+        1/``detect_scale`` (default ``scale``), so a change of decode scale does not restart it, and the
+        region is kept in source pixels."""
         detector = self.region_detector
         if detector is None or self.profile.crop_rect is not None:  # the board's crop always wins
             return
+        ds = detect_scale or scale
+        if ds != scale:
+            if ds % scale == 0:
+                pixels = pixels[:: ds // scale, :: ds // scale]
+            else:  # decoded smaller than the detector's scale: nearest up to it (cheap at these sizes)
+                h, w = pixels.shape[:2]
+                size = (-(-w * scale // ds), -(-h * scale // ds))
+                pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_NEAREST)
         if not detector.feed(pixels):
             return
         rect = detector.rect
+        if rect is not None and ds != 1:
+            rect = tuple(int(v) * ds for v in rect)  # type: ignore[assignment]
         self.region = Region(rect, "detected") if rect is not None else None
         if self.region is not None:
             log.info("%s: imaging region %s", self.uri, self.region.describe())
@@ -132,6 +147,9 @@ class Source:
         truth_boxes: tuple[tuple[int, int, int, int], ...] | None = None,
         t_capture_ns: int | None = None,
         region: Region | None = None,
+        decode_scale: int = 1,
+        full_size: tuple[int, int] | None = None,
+        detect_scale: int | None = None,
     ) -> Frame:
         """Apply the source profile (blackout) and the imaging region (crop), stamp the next id and the
         capture time.
@@ -140,24 +158,37 @@ class Source:
         e.g. a DICOM file's ultrasound region), else ``self.region`` (found in the stream by
         ``region_detector``, which sees this frame first), else the full frame; the frame's meta says
         which (``firmware_app.sources.region``).
+
+        ``pixels`` decoded at 1/``decode_scale`` of a ``full_size`` source picture (a grabber's frame,
+        ``firmware_app.sources.grab``): the region and the profile stay in source pixels and are scaled to
+        cut it; ``meta["decode_scale"]`` says so. ``detect_scale``: see ``watch_region``.
         """
         t = time.monotonic_ns() if t_capture_ns is None else t_capture_ns
         check_pixels(pixels, self.uri)
         if self.raw_tap is not None:
             self.raw_tap(pixels)
-        self.watch_region(pixels)
-        full_shape = pixels.shape
-        region = self.imaging_region(int(full_shape[1]), int(full_shape[0]), region)
+        self.watch_region(pixels, decode_scale, detect_scale)
+        k = decode_scale
+        size = (int(pixels.shape[1]), int(pixels.shape[0]))
+        full = full_size or (size[0] * k, size[1] * k)
+        region = self.imaging_region(*full, region)
+        profile, rect = self.profile, region.rect
+        if k != 1:
+            from firmware_app.sources.grab import scale_rect_in, scaled_profile
+
+            profile, rect = scaled_profile(self.profile, k, size), scale_rect_in(rect, k, size)
         try:
-            pixels = self.profile.apply(pixels, region.rect)
+            pixels = profile.apply(pixels, rect)
         except ValueError as exc:  # a frame of another size than the profile was measured on
             raise BadFrame(f"{self.uri}: frame skipped: {exc}") from None
         if truth is not None:
-            truth = self.profile.crop(truth, region.rect)
-        if truth_boxes is not None and region.rect[:2] != (0, 0):
-            cx, cy = region.rect[0], region.rect[1]
+            truth = profile.crop(truth, rect)
+        if truth_boxes is not None and rect[:2] != (0, 0):
+            cx, cy = rect[0], rect[1]
             truth_boxes = tuple((x0 - cx, y0 - cy, x1 - cx, y1 - cy) for x0, y0, x1, y1 in truth_boxes)
-        m = {"source": self.uri, "full_size": (int(full_shape[1]), int(full_shape[0])), **region.meta()}
+        m = {"source": self.uri, "full_size": (int(full[0]), int(full[1])), **region.meta()}
+        if k != 1:
+            m["decode_scale"] = k
         if meta:
             m.update(meta)
         frame = Frame(

@@ -1,0 +1,254 @@
+"""A grabber's frame decoded at the size that is needed, not at full size.
+
+A USB HDMI grabber delivers the scanner's 1920x1080 picture as MJPG (or YUYV at lower sizes); the model
+reads 128-320 px of it and the 7" screen shows 800x480. Decoding every frame at full size costs most of a
+core, so the V4L2 source reads the grabber's buffer as it came (JPEG bytes, packed YUYV) and decodes it at
+the smallest DCT scale 1/k (k in ``SCALES``) that still covers what the consumers asked for
+(``DecodeTarget``, set by whoever composes the source: ``V4l2Source.set_decode_target``):
+
+- MJPG: libjpeg-turbo's DCT scaling through PyTurboJPEG when installed (``pip install
+  firmware-app[turbojpeg]``), else OpenCV's reduced decode (``IMREAD_REDUCED_COLOR_k`` /
+  ``IMREAD_REDUCED_GRAYSCALE_k``); gray output for gray models;
+- YUYV: every k-th row and every k-th pixel pair, converted alone (the luma alone for gray).
+
+A frame decoded at 1/k says so: ``meta["decode_scale"] = k``; ``meta["full_size"]`` stays the grabber's
+size and ``meta["imaging_region"]`` stays in the grabber's (source) pixels: a source pixel (x, y) is at
+(x / k, y / k) in the frame. ``meta["original"]`` is the grabber's buffer of that frame (``Original``: the
+JPEG bytes in ``.jpeg`` for MJPG) with what is needed to rebuild the frame at full resolution
+(``Original.full_pixels``: decoded, blacked out and cut like the frame); ``full_resolution`` gives a
+frame's pixels and result at full resolution (what a capture stores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from firmware_app.errors import BadFrame
+from firmware_app.sources.profile import Rect, SourceProfile
+from firmware_app.types import Box, Frame, Result
+
+log = logging.getLogger(__name__)
+
+SCALES = (8, 4, 2, 1)  # the DCT scales libjpeg decodes at (1/k), largest reduction first
+_CV_REDUCED = {
+    (2, False): cv2.IMREAD_REDUCED_COLOR_2,
+    (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+    (8, False): cv2.IMREAD_REDUCED_COLOR_8,
+    (1, False): cv2.IMREAD_COLOR,
+    (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    (1, True): cv2.IMREAD_GRAYSCALE,
+}
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+@dataclass(frozen=True)
+class DecodeTarget:
+    """What the consumers of the imaging region need of it.
+
+    ``size`` (w, h): the region is stretched to it (the model's input): the decoded region must be at
+    least that on both sides. ``fit`` (w, h): the region is shown inside it with its aspect kept (the
+    screen's image area): the decoded region must not be smaller than the picture shown, give or take
+    ``slack`` (0.1: the screen may stretch it by up to 1.1x, which a 7" screen does not show; the model's
+    input is never stretched). ``gray``: only gray pixels are needed (a gray model, no colour on screen).
+    None for both: full size.
+    """
+
+    size: tuple[int, int] | None = None
+    fit: tuple[int, int] | None = None
+    gray: bool = False
+    slack: float = 0.1
+
+    def scale_for(self, region_w: int, region_h: int) -> int:
+        """The largest k in SCALES at which a ``region_w`` x ``region_h`` region still covers the target."""
+        for k in SCALES:
+            w, h = region_w / k, region_h / k
+            if self.size is not None and (w < self.size[0] or h < self.size[1]):
+                continue
+            if self.fit is not None and (1 + self.slack) / k < min(
+                self.fit[0] / region_w, self.fit[1] / region_h
+            ):
+                continue
+            if self.size is None and self.fit is None and k != 1:
+                continue
+            return k
+        return 1
+
+
+def scaled_size(width: int, height: int, k: int) -> tuple[int, int]:
+    """The size of a ``width`` x ``height`` picture decoded at 1/k (libjpeg rounds up)."""
+    return (-(-width // k), -(-height // k))
+
+
+def scale_rect_in(rect: Rect, k: int, size: tuple[int, int]) -> Rect:
+    """A source-pixel rect at 1/k, rounded inwards (a crop takes no pixel outside the region)."""
+    if k == 1:
+        return rect
+    x, y, w, h = rect
+    x0, y0 = -(-x // k), -(-y // k)
+    x1, y1 = min((x + w) // k, size[0]), min((y + h) // k, size[1])
+    return (x0, y0, max(x1 - x0, 1), max(y1 - y0, 1))
+
+
+def scale_rect_out(rect: Rect, k: int) -> Rect:
+    """A source-pixel rect at 1/k, rounded outwards (a blackout covers every pixel it touches)."""
+    x, y, w, h = rect
+    x0, y0 = x // k, y // k
+    return (x0, y0, -(-(x + w) // k) - x0, -(-(y + h) // k) - y0)
+
+
+def scaled_profile(profile: SourceProfile, k: int, size: tuple[int, int]) -> SourceProfile:
+    """``profile`` for the picture decoded at 1/k (``size``): crop inwards, blackout outwards."""
+    if k == 1:
+        return profile
+    crop = scale_rect_in(profile.crop_rect, k, size) if profile.crop_rect is not None else None
+    return SourceProfile(crop, tuple(scale_rect_out(r, k) for r in profile.blackout))
+
+
+def jpeg_size(data: Any) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header, without decoding; BadFrame when there is none."""
+    buf = memoryview(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)).cast("B")
+    n, i = len(buf), 2
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        raise BadFrame("MJPG frame skipped: not a JPEG (no start-of-image marker)")
+    while i + 9 < n:
+        if buf[i] != 0xFF:
+            break
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            return (buf[i + 7] << 8 | buf[i + 8], buf[i + 5] << 8 | buf[i + 6])
+        i += 2 + (buf[i + 2] << 8 | buf[i + 3])
+    raise BadFrame("MJPG frame skipped: no frame header (truncated JPEG?)")
+
+
+class JpegDecoder:
+    """JPEG bytes -> pixels at 1/k: libjpeg-turbo (PyTurboJPEG) when installed, else OpenCV.
+
+    ``backend``: "auto" (turbojpeg, falling back to OpenCV with a warning), "turbojpeg" or "opencv".
+    """
+
+    def __init__(self, backend: str = "auto") -> None:
+        self._tj: Any = None
+        self._tj_gray = 0
+        if backend in ("auto", "turbojpeg"):
+            try:
+                import turbojpeg
+
+                self._tj = turbojpeg.TurboJPEG()
+                self._tj_gray = turbojpeg.TJPF_GRAY
+            except Exception as exc:  # noqa: BLE001 - not installed, or the C library is missing
+                if backend == "turbojpeg":
+                    raise
+                log.info("MJPG: PyTurboJPEG not usable (%s); OpenCV's reduced decode is used", exc)
+        self.name = "turbojpeg" if self._tj is not None else "opencv"
+
+    def decode(self, data: Any, k: int = 1, gray: bool = False) -> np.ndarray:
+        """``data`` (JPEG bytes or a uint8 buffer) decoded at 1/k: BGR HxWx3, or HxW when ``gray``."""
+        buf = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+        img: np.ndarray | None
+        try:
+            if self._tj is not None:
+                kw: dict[str, Any] = {"scaling_factor": (1, k)} if k != 1 else {}
+                if gray:
+                    kw["pixel_format"] = self._tj_gray
+                img = self._tj.decode(buf, **kw)
+                if gray and img is not None and img.ndim == 3:
+                    img = img[:, :, 0]
+            else:
+                img = cv2.imdecode(buf, _CV_REDUCED[(k, gray)])
+        except (OSError, ValueError, cv2.error) as exc:
+            raise BadFrame(f"MJPG frame skipped: {exc}") from None
+        if img is None:
+            raise BadFrame("MJPG frame skipped: the JPEG does not decode")
+        return img
+
+
+def yuyv_frame(data: Any, width: int, height: int, k: int = 1, gray: bool = False) -> np.ndarray:
+    """Packed YUYV (Y0 U Y1 V per pixel pair) of a ``width`` x ``height`` picture at 1/k: every k-th row
+    and every k-th pixel pair converted alone (BGR), or every k-th luma sample (``gray``)."""
+    buf = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if buf.size != width * height * 2 or width % 2:
+        raise BadFrame(f"YUYV frame skipped: {buf.size} bytes is not {width}x{height} YUYV")
+    pairs = buf.reshape(height, width // 2, 4)
+    if gray:
+        return np.ascontiguousarray(buf.reshape(height, width, 2)[::k, ::k, 0])
+    sub = np.ascontiguousarray(pairs[::k, :: max(k, 1)]) if k > 1 else pairs
+    h2, n = sub.shape[:2]
+    return cv2.cvtColor(sub.reshape(h2, n * 2, 2), cv2.COLOR_YUV2BGR_YUYV)
+
+
+def bgr_to_yuyv(bgr: np.ndarray) -> np.ndarray:
+    """BGR HxWx3 (even W) -> packed YUYV HxWx2, as a grabber delivers it (BT.601 studio range)."""
+    yuv = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420)  # studio-range Y, U, V at half size
+    h, w = bgr.shape[:2]
+    y = yuv[:h]
+    u = yuv[h : h + h // 4].reshape(h // 2, w // 2)
+    v = yuv[h + h // 4 :].reshape(h // 2, w // 2)
+    out = np.empty((h, w // 2, 4), np.uint8)
+    out[:, :, 0], out[:, :, 2] = y[:, 0::2], y[:, 1::2]
+    out[:, :, 1], out[:, :, 3] = np.repeat(u, 2, axis=0), np.repeat(v, 2, axis=0)
+    return out.reshape(h, w, 2)
+
+
+@dataclass(frozen=True, eq=False)
+class Original:
+    """The grabber's buffer of one frame, as it came, and how the frame was cut from it.
+
+    ``data``: JPEG bytes (MJPG) or packed YUYV; ``size``: the grabber's (width, height); ``rect``: the
+    imaging region in source pixels; ``profile``: the source's blackout.
+    """
+
+    fourcc: str
+    data: Any
+    size: tuple[int, int]
+    rect: Rect
+    profile: SourceProfile
+    decoder: JpegDecoder | None = None
+
+    @property
+    def jpeg(self) -> bytes | None:
+        """The frame's JPEG bytes (MJPG), or None."""
+        return np.asarray(self.data, np.uint8).tobytes() if self.fourcc == "MJPG" else None
+
+    def full_pixels(self, gray: bool = False) -> np.ndarray:
+        """The frame at full resolution: decoded at 1/1, blacked out and cut to the imaging region."""
+        if self.fourcc == "MJPG":
+            img = (self.decoder or JpegDecoder("opencv")).decode(self.data, 1, gray)
+        else:
+            img = yuyv_frame(self.data, *self.size, 1, gray)
+        return self.profile.apply(img, self.rect)
+
+
+def full_resolution(frame: Frame, result: Result | None = None) -> tuple[np.ndarray, Result | None]:
+    """``frame``'s pixels and ``result`` at the grabber's full resolution: a frame decoded at 1/k with its
+    ``meta["original"]`` is decoded again at 1/1 and the result's geometry (contours, boxes, centroid) is
+    scaled by k to match; any other frame is returned as it is."""
+    k = int(frame.meta.get("decode_scale", 1) or 1)
+    original = frame.meta.get("original")
+    if k == 1 or not isinstance(original, Original):
+        return frame.pixels, result
+    try:
+        pixels = original.full_pixels(gray=frame.pixels.ndim == 2)
+    except BadFrame as exc:  # cannot happen for a buffer that decoded once; keep the reduced frame then
+        log.warning("full-resolution decode failed (%s); the frame is kept at 1/%d", exc, k)
+        return frame.pixels, result
+    if result is None:
+        return pixels, None
+    sx, sy = pixels.shape[1] / frame.width, pixels.shape[0] / frame.height
+    contours = tuple(
+        np.round(np.asarray(c, np.float64).reshape(-1, 2) * (sx, sy)).astype(np.int32)
+        for c in result.contours
+    )
+    boxes = tuple(Box(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.score, b.label) for b in result.boxes)
+    centroid = (result.centroid[0] * sx, result.centroid[1] * sy) if result.centroid is not None else None
+    return pixels, dataclasses.replace(result, contours=contours, boxes=boxes, centroid=centroid)

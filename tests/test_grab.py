@@ -1,0 +1,150 @@
+"""A grabber's frame decoded at the size that is needed: scales, both JPEG decoders, YUYV, the region in
+source pixels, captures at full resolution."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from records_support import MODEL, seg_result
+from scanner_screens import Layout, ScannerScreen, frames
+
+from firmware_app.records.captures import CaptureStore, Recorder
+from firmware_app.sources.grab import (
+    DecodeTarget,
+    JpegDecoder,
+    bgr_to_yuyv,
+    full_resolution,
+    jpeg_size,
+    yuyv_frame,
+)
+from firmware_app.sources.profile import SourceProfile
+from firmware_app.sources.region_detect import iou
+from firmware_app.sources.v4l2 import ReplayCapture, V4l2Source
+
+DECODERS = [
+    "opencv",
+    pytest.param(
+        "turbojpeg",
+        marks=pytest.mark.skipif(
+            JpegDecoder().name != "turbojpeg", reason="PyTurboJPEG / libturbojpeg not installed"
+        ),
+    ),
+]
+
+
+def screen_1080() -> ScannerScreen:
+    return ScannerScreen(1920, 1080, (0, Layout("phantom", (360, 90, 1200, 900), seed=3)))
+
+
+@pytest.mark.parametrize(
+    "region, target, k",
+    [
+        ((1920, 1080), DecodeTarget(), 1),  # no hint: full size
+        ((1920, 1080), DecodeTarget(fit=(800, 480)), 2),  # the 7" screen: 960x540 covers 800x480
+        ((1920, 1080), DecodeTarget(size=(256, 256)), 4),  # the model alone: 480x270 >= 256x256
+        ((1920, 1080), DecodeTarget(size=(128, 128)), 8),
+        ((1920, 1080), DecodeTarget(size=(256, 256), fit=(800, 480)), 2),  # both: the larger need wins
+        ((1200, 900), DecodeTarget(fit=(800, 480), slack=0.0), 1),  # 600x450 would be shown at 640x480
+        ((1200, 900), DecodeTarget(fit=(800, 480)), 2),  # ... a stretch of 1.07: within the 0.1 slack
+        ((1200, 900), DecodeTarget(fit=(700, 600)), 1),  # 600x450 shown at 700x525: 1.17, beyond it
+        ((1200, 900), DecodeTarget(size=(320, 320)), 2),
+    ],
+)
+def test_the_smallest_scale_that_covers_the_screen_and_the_model(region, target, k):
+    assert target.scale_for(*region) == k
+
+
+def test_jpeg_size_reads_the_header_only():
+    ok, buf = cv2.imencode(".jpg", np.zeros((1080, 1920, 3), np.uint8))
+    assert jpeg_size(buf) == (1920, 1080)
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+@pytest.mark.parametrize("gray", [False, True])
+def test_both_decoders_give_the_picture_at_one_over_k(backend, gray):
+    img = screen_1080().render(5)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    dec = JpegDecoder(backend)
+    assert dec.name == backend
+    for k in (1, 2, 4, 8):
+        out = dec.decode(buf, k, gray)
+        assert out.shape[:2] == (1080 // k, 1920 // k) and out.ndim == (2 if gray else 3)
+        ref = cv2.resize(img, (1920 // k, 1080 // k), interpolation=cv2.INTER_AREA)
+        ref = cv2.cvtColor(ref, cv2.COLOR_BGR2GRAY) if gray else ref
+        assert np.abs(out.astype(int) - ref).mean() < 4, (k, backend)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_yuyv_converts_only_every_kth_pixel_pair(k):
+    img = screen_1080().render(2)[:720, :1280]
+    yuyv = bgr_to_yuyv(img)
+    assert yuyv.shape == (720, 1280, 2)
+    out = yuyv_frame(yuyv, 1280, 720, k)
+    assert out.shape == (720 // k, 1280 // k, 3)
+    ref = cv2.resize(img, (1280 // k, 720 // k), interpolation=cv2.INTER_AREA)
+    assert np.abs(out.astype(int) - ref).mean() < 8
+    gray = yuyv_frame(yuyv, 1280, 720, k, gray=True)
+    assert gray.shape == (720 // k, 1280 // k)
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+def test_mjpg_stream_is_decoded_reduced_and_the_region_stays_in_source_pixels(backend):
+    screen = screen_1080()
+    cap = ReplayCapture(frames(screen, 90), fourcc="MJPG")
+    src = V4l2Source("v4l2:0", cap)
+    src._decoder = JpegDecoder(backend)
+    src.set_decode_target((256, 256), fit=(400, 300))
+    src.open()
+    got = [src.read() for _ in range(90)]
+    src.close()
+    first, last = got[0], got[-1]
+    assert first.meta["decode_scale"] == 4 and first.pixels.shape == (270, 480, 3)  # full frame at 1/4
+    assert first.meta["full_size"] == (1920, 1080) and first.meta["original"].jpeg[:2] == b"\xff\xd8"
+    assert last.meta["region_from"] == "detected"
+    rect = last.meta["imaging_region"]  # in source (1920x1080) pixels
+    assert iou(rect, screen.truth(0)) >= 0.9, rect
+    k = last.meta["decode_scale"]
+    assert k == 2  # the 1200x900 region at 1/4 (300x225) would no longer cover 256x256 and 400x300
+    x, y, w, h = rect
+    assert abs(last.pixels.shape[1] - w / k) <= 1 and abs(last.pixels.shape[0] - h / k) <= 1
+
+
+def test_blackout_and_board_crop_are_scaled_with_the_frame():
+    img = np.full((1080, 1920, 3), 200, np.uint8)
+    profile = SourceProfile(crop_rect=(96, 96, 1600, 800), blackout=((96, 96, 301, 51),))
+    src = V4l2Source("v4l2:0", ReplayCapture([img], fourcc="MJPG"), profile=profile)
+    src.set_decode_target(size=(200, 100))
+    src.open()
+    f = src.read()
+    assert f.meta["decode_scale"] == 8 and f.pixels.shape == (100, 200, 3)
+    assert f.meta["imaging_region"] == [96, 96, 1600, 800]
+    assert (f.pixels[:7, :38] == 0).all() and f.pixels[8:, 40:].min() > 150
+    full, _ = full_resolution(f)
+    assert full.shape == (800, 1600, 3) and (full[:51, :301] == 0).all() and full[52:, 302:].min() > 150
+
+
+def test_captures_from_an_mjpg_stream_keep_full_resolution(tmp_path):
+    screen = ScannerScreen(1920, 1080, (0, Layout("linear", (400, 120, 1100, 820), seed=1)))
+    src = V4l2Source("v4l2:0", ReplayCapture(frames(screen, 70), fourcc="MJPG"))
+    src.set_decode_target(fit=(480, 320))
+    src.open()
+    for _ in range(70):
+        f = src.read()
+    src.close()
+    k = f.meta["decode_scale"]
+    assert f.meta["region_from"] == "detected" and k >= 2
+    mask = np.zeros(f.pixels.shape[:2], np.uint8)
+    cv2.circle(mask, (f.width // 2, f.height // 2), f.height // 4, 1, -1)
+    result = seg_result(f.id, mask)
+    rec = Recorder(tmp_path, model=MODEL)
+    cid = rec.capture(f, result)
+    cap = CaptureStore(tmp_path).load(cid)
+    x, y, w, h = f.meta["imaging_region"]
+    assert cap.pixels.shape == (h, w, 3)  # the region at the grabber's resolution, not at 1/k
+    truth = screen.render(69)[y : y + h, x : x + w]
+    assert np.abs(cap.pixels.astype(int) - truth).mean() < 4
+    # the result's outline follows the pixels: scaled by k
+    small = np.concatenate(result.contours).reshape(-1, 2)
+    big = np.concatenate(cap.result.contours).reshape(-1, 2)
+    assert abs(big[:, 0].max() / small[:, 0].max() - cap.pixels.shape[1] / f.width) < 0.05

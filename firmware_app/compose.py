@@ -97,7 +97,18 @@ def compose(
     )
     for notice in notices:
         pipeline.notify(notice)
+    decode_for(pipeline)
     return pipeline
+
+
+def decode_for(pipeline: Pipeline, model: ModelRef | None = None) -> None:
+    """Tell a source that can decode at a reduced scale (a grabber's MJPG/YUYV) what its consumers need:
+    the model's input and the screen's image area (colour kept: the clinician sees the scanner's image)."""
+    set_target = getattr(pipeline.source, "set_decode_target", None)
+    if set_target is not None:
+        m = (model or pipeline.model).manifest
+        area = pipeline.screen.image_region
+        set_target((m.width, m.height), fit=(area.w, area.h), gray=False)
 
 
 def compose_pipeline(
@@ -120,6 +131,7 @@ def compose_pipeline(
     pipeline = Pipeline(source, model, chain.open(model), Screen(*size), displays, options, chain=chain)
     for notice in notices:
         pipeline.notify(notice)
+    decode_for(pipeline)
     return pipeline
 
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from firmware_app.compose import Records, RunOptions, compose
+from firmware_app.compose import Records, RunOptions, compose, decode_for
 from firmware_app.config import BoardConfig
 from firmware_app.device.devices import Devices
 from firmware_app.errors import FirmwareAppError
@@ -234,6 +234,7 @@ class Daemon:
     def switch_model(self, model_id: str) -> str:
         ref = find_model(model_id, self.data_dir)
         loaded = self.pipeline.switch_model(ref)
+        decode_for(self.pipeline, ref)
         monitor = self._sink(InputMonitor)
         if monitor is not None:
             monitor.set_model(ref)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import html
+import importlib
 import json
 import logging
 import math
@@ -344,21 +345,29 @@ def read_dataset(root: str | Path, m: Manifest) -> tuple[list[Case], list[str]]:
             files[p.name] = p
         else:
             problems.append(f"images/{p.name}: not an image (use PNG, JPEG, BMP, TIFF or DICOM)")
-    cases: list[Case] = []
-    if m.task == "classification":
-        cases = _read_labels(root, files, m, problems)
-    elif m.task == "segmentation":
-        for name, path in files.items():
-            mask = root / "masks" / name
-            if not mask.is_file():
-                mask = root / "masks" / (Path(name).stem + ".png")
-            if not mask.is_file():
-                problems.append(f"images/{name}: missing mask masks/{name}")
-                continue
-            cases.append(Case(name, path, mask_path=mask))
-    else:
-        cases = _read_boxes(root, files, m, problems)
+    cases = metrics_class(m).read_cases(root, files, m, problems)
     return cases, problems
+
+
+def _read_masks(root: Path, files: dict[str, Path], m: Manifest, problems: list[str]) -> list[Case]:
+    cases: list[Case] = []
+    for name, path in files.items():
+        mask = root / "masks" / name
+        if not mask.is_file():
+            mask = root / "masks" / (Path(name).stem + ".png")
+        if not mask.is_file():
+            problems.append(f"images/{name}: missing mask masks/{name}")
+            continue
+        cases.append(Case(name, path, mask_path=mask))
+    return cases
+
+
+def metrics_class(m: Manifest) -> type:
+    """The metrics of the manifest's task: its task plugin names them (``Task.metrics``, "module:Class")."""
+    from firmware_app import plugins
+
+    module, _, name = plugins.get("task", m.task).metrics.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _read_labels(root: Path, files: dict[str, Path], m: Manifest, problems: list[str]) -> list[Case]:
@@ -554,6 +563,12 @@ class _Task:
 
 
 class _Classification(_Task):
+    agreement_unit = "labels"
+
+    @staticmethod
+    def read_cases(root: Path, files: dict[str, Path], m: Manifest, problems: list[str]) -> list[Case]:
+        return _read_labels(root, files, m, problems)
+
     def __init__(self, m: Manifest, threshold: float) -> None:
         super().__init__(m, threshold)
         self.y: list[int] = []
@@ -614,6 +629,12 @@ class _Classification(_Task):
 
 
 class _Segmentation(_Task):
+    agreement_unit = "pixels"
+
+    @staticmethod
+    def read_cases(root: Path, files: dict[str, Path], m: Manifest, problems: list[str]) -> list[Case]:
+        return _read_masks(root, files, m, problems)
+
     def __init__(self, m: Manifest, threshold: float) -> None:
         super().__init__(m, threshold)
         self.rows: list[tuple[float, ...]] = []  # inter, psum, tsum, truth_pos, pred_pos, fp_regions, union
@@ -718,6 +739,12 @@ class _Segmentation(_Task):
 
 
 class _Detection(_Task):
+    agreement_unit = "matched boxes"
+
+    @staticmethod
+    def read_cases(root: Path, files: dict[str, Path], m: Manifest, problems: list[str]) -> list[Case]:
+        return _read_boxes(root, files, m, problems)
+
     def __init__(self, m: Manifest, threshold: float) -> None:
         super().__init__(m, threshold)
         self.low = min(FROC_MIN_SCORE, threshold)
@@ -853,9 +880,6 @@ class _Detection(_Task):
         }
 
 
-_TASKS = {"classification": _Classification, "segmentation": _Segmentation, "detection": _Detection}
-
-
 # ---------------------------------------------------------------- the command
 def _progress(i: int, n: int, t0: float, stream=None) -> None:
     stream = stream or sys.stderr
@@ -882,7 +906,7 @@ def validate(
     images the model does not take, for the input gate's figures (``gate_summary``)."""
     m = model.manifest
     cases, problems = read_dataset(dataset, m)
-    task = _TASKS[m.task](m, m.alert)
+    task = metrics_class(m)(m, m.alert)
     int8 = ModelRunner(model, threads=threads)
     flt_path = model.folder / FLOAT_TWIN
     flt = None
@@ -918,7 +942,7 @@ def validate(
     if n:
         out.update(task.summary(lambda k: bootstrap_weights(k, resamples)))
         out["bootstrap"] = {"resamples": resamples, "seed": BOOTSTRAP_SEED, "interval": "percentile 2.5-97.5"}
-    what = {"segmentation": "pixels", "classification": "labels", "detection": "matched boxes"}[m.task]
+    what = task.agreement_unit
     if flt is None:
         out["agreement_int8_float"] = None
     else:

@@ -148,3 +148,20 @@ def test_captures_from_an_mjpg_stream_keep_full_resolution(tmp_path):
     small = np.concatenate(result.contours).reshape(-1, 2)
     big = np.concatenate(cap.result.contours).reshape(-1, 2)
     assert abs(big[:, 0].max() / small[:, 0].max() - cap.pixels.shape[1] / f.width) < 0.05
+
+
+def test_compose_tells_a_grabber_what_to_decode(float_model_dir):
+    """The composed pipeline hands the source the model's input and the screen's image area: a 1080p
+    MJPG stream is decoded at a reduced scale with no bench or test setting it."""
+    from firmware_app.config import load_board
+    from firmware_app.models.store import find_model
+    from firmware_app.pipeline import build_pipeline
+
+    cap = ReplayCapture.scanner("MJPG", 1920, 1080, fps=0, count=90, distinct=20)
+    board = load_board("x86-dev")
+    p = build_pipeline(board, find_model(str(float_model_dir)), "v4l2:0", ["null"], max_frames=80)
+    p.source.capture = cap
+    scales: list[int] = []
+    p.listeners.append(lambda frame, result: scales.append(int(frame.meta.get("decode_scale", 1))))
+    p.run()
+    assert scales and max(scales) >= 2  # once the region is found, never the full 1920x1080

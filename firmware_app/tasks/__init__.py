@@ -24,6 +24,7 @@ class Task:
 
     output_keys: tuple[str, ...] = ()  # task-specific [output] keys of the manifest it takes
     finding_calibration = False  # takes [finding] features / coef (a finding-level confidence fit)
+    metrics = ""  # "module:Class" of its `validate` metrics (read_cases, add, summary, agreement_unit)
 
     @classmethod
     def check_manifest(cls, data: dict, bad) -> None:

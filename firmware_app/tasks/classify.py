@@ -21,6 +21,7 @@ from firmware_app.types import Result
 
 @register("classification")
 class Classifier(Task):
+    metrics = "firmware_app.validate:_Classification"  # what `validate` measures on a labelled set
     output_keys = ("heatmap_output",)
 
     def __init__(self, manifest: Manifest, outputs: list[TensorSpec]) -> None:

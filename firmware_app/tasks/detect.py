@@ -29,6 +29,7 @@ LAYOUTS = ("ssd_postprocess", "boxes_scores")
 
 @register("detection")
 class Detector(Task):
+    metrics = "firmware_app.validate:_Detection"  # what `validate` measures on a labelled set
     output_keys = ("layout",)
 
     @classmethod

@@ -53,6 +53,7 @@ def finding_confidence(rules: FindingRules, prob: np.ndarray, mask: np.ndarray) 
 
 @register("segmentation")
 class Segmenter(Task):
+    metrics = "firmware_app.validate:_Segmentation"  # what `validate` measures on a labelled set
     finding_calibration = True  # [finding] features / coef: the finding-level confidence fit
 
     @classmethod

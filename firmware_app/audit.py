@@ -145,14 +145,21 @@ class _State:
     sealed: bool
 
 
-def _read_state(path: Path, key: bytes | None, context: bytes) -> tuple[_State | None, str | None]:
-    """(state, None), (None, None) when missing, or (None, problem) when unreadable or not sealed by K."""
+def _read_small(path: Path) -> tuple[bytes | None, str | None]:
+    """(bytes, None), (None, None) when missing, or (None, problem) when unreadable: a seal or a marker."""
     try:
-        raw = path.read_bytes()[:4096]
+        return path.read_bytes()[:4096], None
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         return None, f"unreadable ({exc.strerror or exc})"
+
+
+def _read_state(path: Path, key: bytes | None, context: bytes) -> tuple[_State | None, str | None]:
+    """(state, None), (None, None) when missing, or (None, problem) when unreadable or not sealed by K."""
+    raw, problem = _read_small(path)
+    if raw is None:
+        return None, problem
     try:
         data = json.loads(raw)
         state = {"file": str(data["file"]), "seq": int(data["seq"]), "sha256": str(data["sha256"])}
@@ -188,13 +195,9 @@ def _marker_bytes(key: bytes, marker: _Marker) -> bytes:
 
 def _read_marker(data_dir: Path, key: bytes | None) -> tuple[_Marker | None, str | None]:
     """(marker, None), (None, None) when there is none, or (None, problem)."""
-    path = data_dir / "keys" / MARKER
-    try:
-        raw = path.read_bytes()[:4096]
-    except FileNotFoundError:
-        return None, None
-    except OSError as exc:
-        return None, f"unreadable ({exc.strerror or exc})"
+    raw, problem = _read_small(data_dir / "keys" / MARKER)
+    if raw is None:
+        return None, problem
     try:
         data = json.loads(raw)
         marker = _Marker(int(data["since"]), int(data["floor"]), str(data["floor_mac"]))
@@ -467,19 +470,7 @@ def _replace(path: Path, data: bytes, durable: bool = False) -> None:
     behind (on ext4 the next append's fsync commits the rename anyway), which verify accepts; it saves a
     sync per append, and the seal only ever needs to be a lower bound of the log's end.
     """
-    if durable:
-        write_atomic(path, data, 0o600)
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data, 0o600, sync_dir=durable)
 
 
 def _cut(fd: int, size: int) -> None:

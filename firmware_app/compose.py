@@ -211,12 +211,11 @@ def _panel(board: BoardConfig, controls: Any, devices: Devices, notices: list[st
         return None
     from firmware_app.device.gpio import GpioPanel, GpioUnavailable
 
-    try:
-        return PanelSink(GpioPanel(board.gpio, controls, pin_factory=devices.pin_factory))
-    except GpioUnavailable as exc:
-        log.warning("%s", exc)
-        notices.append(str(exc))
-        return None
+    return _attached(
+        lambda: PanelSink(GpioPanel(board.gpio, controls, pin_factory=devices.pin_factory)),
+        GpioUnavailable,
+        notices,
+    )
 
 
 def _link(board: BoardConfig, controls: Any, devices: Devices, notices: list[str]) -> Any:
@@ -224,9 +223,18 @@ def _link(board: BoardConfig, controls: Any, devices: Devices, notices: list[str
         return None
     from firmware_app.device.serial_link import SerialLink, SerialUnavailable
 
+    return _attached(
+        lambda: LinkSink(SerialLink(board.serial, controls, opener=devices.serial_opener)),
+        SerialUnavailable,
+        notices,
+    )
+
+
+def _attached(make: Any, unavailable: type[Exception], notices: list[str]) -> Any:
+    """The sink ``make()`` builds, or None (announced) when its hardware is not there."""
     try:
-        return LinkSink(SerialLink(board.serial, controls, opener=devices.serial_opener))
-    except SerialUnavailable as exc:
+        return make()
+    except unavailable as exc:
         log.warning("%s", exc)
         notices.append(str(exc))
         return None

@@ -36,8 +36,9 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: a reader (or a reboot) sees the old or the new bytes."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data``: a reader (or a reboot) sees the old or the new bytes. Without
+    ``sync_dir`` the rename is not synced: after a crash the file may still hold the old bytes."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
@@ -48,7 +49,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def replace_symlink(link: Path, target: str) -> None:

@@ -36,7 +36,7 @@ from firmware_app.types import Box, Frame, Result
 log = logging.getLogger(__name__)
 
 SCALES = (8, 4, 2, 1)  # the DCT scales libjpeg decodes at (1/k), largest reduction first
-_CV_REDUCED = {
+CV_REDUCED = {  # (k, gray) -> cv2.imdecode flag: decode at 1/k
     (2, False): cv2.IMREAD_REDUCED_COLOR_2,
     (4, False): cv2.IMREAD_REDUCED_COLOR_4,
     (8, False): cv2.IMREAD_REDUCED_COLOR_8,
@@ -165,7 +165,7 @@ class JpegDecoder:
                 if gray and img is not None and img.ndim == 3:
                     img = img[:, :, 0]
             else:
-                img = cv2.imdecode(buf, _CV_REDUCED[(k, gray)])
+                img = cv2.imdecode(buf, CV_REDUCED[(k, gray)])
         except (OSError, ValueError, cv2.error) as exc:
             raise BadFrame(f"MJPG frame skipped: {exc}") from None
         if img is None:

@@ -24,6 +24,7 @@ import numpy as np
 from firmware_app.errors import BadFrame, BadSource
 from firmware_app.sources import register
 from firmware_app.sources.base import Source, int_param
+from firmware_app.sources.grab import CV_REDUCED
 from firmware_app.sources.image_header import DEFAULT_MAX_PIXELS, read_header
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.sources.region_detect import RegionDetector
@@ -34,14 +35,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm"}
 # a format the decoder cannot scale is decoded whole before it is shrunk: at most this x max_pixels
 FULL_DECODE_FACTOR = 4
-_REDUCED = {
-    (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
-    (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4,
-    (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
-    (2, False): cv2.IMREAD_REDUCED_COLOR_2,
-    (4, False): cv2.IMREAD_REDUCED_COLOR_4,
-    (8, False): cv2.IMREAD_REDUCED_COLOR_8,
-}
+_REDUCED = CV_REDUCED  # OpenCV decodes a JPEG at 1/2, 1/4, 1/8 of its size
 
 
 def _mp(pixels: int) -> str:

@@ -532,7 +532,7 @@ def test_pty_client_receives_one_json_line_per_result_and_a_reply_to_each_comman
             link.on_result(None, seg_result(i))
         results = read_json_lines(client, 10)
         assert [r["frame_id"] for r in results] == list(range(10))
-        assert all(r["type"] == "result" and r["model"] == "us-fluid-seg" for r in results)
+        assert all(r["type"] == "result" and r["model"] == "us-fluid-seg@1.0.0" for r in results)
 
         commands = [
             "status",

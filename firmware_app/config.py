@@ -51,7 +51,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "backend": {
         "order": ((list,), ["cpu"]),
         "threads": ((int,), 2),
-        "edgetpu_device": ((str,), ""),
+        # + each backend plugin's legacy_keys (an older spelling of a [backend.<key>] field)
     },
     "display": {
         "uri": ((str,), "null"),
@@ -115,7 +115,8 @@ def parse_board(data: dict[str, Any], where: str, path: Path | None = None) -> B
 
     top = _check(data, "", where)
     declared = backend_plugins()
-    backend_table = {k: v for k, v in top["backend"].items() if k not in declared}
+    legacy = {old: (key, field) for key, p in declared.items() for old, field in p.legacy_keys.items()}
+    backend_table = {k: v for k, v in top["backend"].items() if k not in declared and k not in legacy}
     plugin_tables = {k: v for k, v in top["backend"].items() if k in declared}
     sections = {
         s: _check(backend_table if s == "backend" else top[s], s, where)
@@ -128,13 +129,19 @@ def parse_board(data: dict[str, Any], where: str, path: Path | None = None) -> B
         raise BadConfig(f"{where}: [backend] order: {exc}") from None
     if not b["order"]:
         raise BadConfig(f"{where}: [backend] order must name at least one backend")
-    if b["edgetpu_device"]:  # the older spelling of [backend.edgetpu] device
-        edgetpu = dict(plugin_tables.get("edgetpu", {}))
-        if edgetpu.get("device", b["edgetpu_device"]) != b["edgetpu_device"]:
-            raise BadConfig(f"{where}: [backend] edgetpu_device and [backend.edgetpu] device disagree")
-        plugin_tables["edgetpu"] = {**edgetpu, "device": b["edgetpu_device"]}
+    for old, (key, field_name) in legacy.items():  # an older spelling of [backend.<key>] <field>
+        value = top["backend"].get(old)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise BadConfig(f"{where}: [backend] {old} must be str, got {type(value).__name__} {value!r}")
+        table = dict(plugin_tables.get(key, {}))
+        if table.get(field_name, value) != value:
+            raise BadConfig(f"{where}: [backend] {old} and [backend.{key}] {field_name} disagree")
+        plugin_tables[key] = {**table, field_name: value}
     backend_configs = parse_backend_configs(plugin_tables, where)
-    b["edgetpu_device"] = getattr(backend_configs.get("edgetpu"), "device", "")
+    for old, (key, field_name) in legacy.items():
+        b[old] = getattr(backend_configs.get(key), field_name, "") or ""
     if not 1 <= b["threads"] <= 64:
         raise BadConfig(f"{where}: [backend] threads {b['threads']} must be 1..64")
     s = sections["source"]

@@ -117,6 +117,7 @@ class BackendPlugin:
     )
     runtime: ClassVar[str] = ""  # the Python distribution that provides it (version in doctor, auto's cache)
     device_field: ClassVar[str | None] = None  # the firmware_app.device.Devices field it takes (a double)
+    legacy_keys: ClassVar[dict[str, str]] = {}  # older [backend] keys -> the field of its own they set
 
     @classmethod
     def from_table(cls, table: dict[str, Any], where: str) -> BackendPlugin:

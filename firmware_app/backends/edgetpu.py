@@ -16,7 +16,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from firmware_app.backends.base import BackendPlugin
 from firmware_app.backends.litert import LiteRTBackend, litert_module
@@ -110,6 +110,7 @@ class EdgeTpuPlugin(BackendPlugin):
     older ``[backend] edgetpu_device``): ``usb``, ``usb:N``, ``pci:N``; empty = the first found."""
 
     device_field = "accelerator"
+    legacy_keys: ClassVar[dict[str, str]] = {"edgetpu_device": "device"}
 
     device: str = ""
     files = ("model.tflite", EDGETPU_MODEL)

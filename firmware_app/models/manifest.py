@@ -88,7 +88,6 @@ class Manifest:
     golden_atol: float = 1.0
     reference: dict[str, Any] | None = None  # [reference]: training input statistics (drift warning)
     finding: FindingRules = FindingRules()
-    has_finding_table: bool = False  # the manifest states its [finding] rules (else the defaults above)
     gate: dict[str, Any] | None = None  # [gate]: the input gate's file and operating point
     path: Path | None = None  # the folder
 
@@ -281,7 +280,6 @@ def parse_manifest(data: dict[str, Any], where: str, folder: Path | None = None)
         golden_atol=atol,
         reference=reference,
         finding=finding,
-        has_finding_table="finding" in data,
         gate=dict(gate) if gate is not None else None,
         path=folder,
     )

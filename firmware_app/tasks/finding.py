@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
 
 from firmware_app.models.manifest import Manifest
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 # modalities without a depth from a transducer
 _PROJECTION = frozenset({"CR", "DX", "MG", "RG", "DR", "IO", "PX", "XA", "RF"})
-STATES = ("finding", "no_finding", "unlike_training_data", "ai_off")
 FROZEN_AFTER_S = 2.0  # a live picture unchanged this long is a frozen one
 FROZEN_REASON = "frozen picture"
 
@@ -69,7 +69,6 @@ class FindingStage:
     """One per model and source: keeps the persistence history of the stream it sees."""
 
     def __init__(self, manifest: Manifest, gate: Any = None, live: bool = False) -> None:
-        self.m = manifest
         self.rules = manifest.finding
         self.gate = gate
         self.live = live
@@ -80,10 +79,6 @@ class FindingStage:
             from firmware_app.gate import FrozenDetector
 
             self._frozen = FrozenDetector(FROZEN_AFTER_S)
-
-    def reset(self) -> None:
-        self._history.clear()
-        self._on = False
 
     def check_gate(self, frame: Frame) -> Verdict | None:
         """The gate's verdict on ``frame`` (None without a gate); a frozen live picture pauses the AI too."""
@@ -104,13 +99,13 @@ class FindingStage:
             return _bare(
                 result, "unlike_training_data", gate, paused=verdict.reason or "unlike training data"
             )
-        result, size, measurements = self._measure(result, frame)
+        result, size = self._sized(result, frame)
         candidate = bool(result.alert) and result.label is not None
         on = self._remember(candidate, single)
         if not on:
             bare = _bare(result, "no_finding", gate)
             return replace(bare, confidence=result.confidence)
-        measurements = {**result.measurements, **measurements}  # a task's own, then the size's
+        measurements = {**result.measurements, **_measurements(result, frame)}  # a task's own, then ours
         return replace(result, state="finding", alert=True, gate=gate, size=size, measurements=measurements)
 
     # -- persistence --
@@ -129,46 +124,28 @@ class FindingStage:
         return self._on
 
     # -- size --
-    def _measure(self, result: Result, frame: Frame) -> tuple[Result, tuple[float, str] | None, dict]:
-        mm = frame.meta.get("mm_per_px")
-        mm = (float(mm[0]), float(mm[1])) if mm else None
-        depth0 = float(frame.meta.get("depth_origin_y") or 0.0)
-        depth_ok = mm is not None and frame.meta.get("Modality") not in _PROJECTION
+    def _sized(self, result: Result, frame: Frame) -> tuple[Result, tuple[float, str] | None]:
+        """``result`` without what is below the minimum size (no finding, or fewer boxes), and its size."""
+        mm = _scale(frame)
         area_px = float(frame.width * frame.height)
-        if result.area_fraction:  # a region (a Mask): its area, extent and depth
+        if result.area_fraction:  # a region (a Mask)
             frac = float(result.area_fraction)
-            size = (frac * area_px * mm[0] * mm[1], "mm2") if mm else (frac, "fraction")
-            meas: dict[str, tuple[float, str]] = {}
-            if mm:
-                meas["area"] = (size[0], "mm2")
-                # the extent of the largest region (two collections are not one 8 cm finding)
-                pts = max(result.contours, key=_contour_area).reshape(-1, 2) if result.contours else None
-                if pts is not None and len(pts):
-                    meas["width"] = (float(np.ptp(pts[:, 0]) + 1) * mm[0], "mm")
-                    meas["height"] = (float(np.ptp(pts[:, 1]) + 1) * mm[1], "mm")
-                if depth_ok and result.centroid is not None:
-                    meas["depth"] = (max(0.0, (result.centroid[1] - depth0) * mm[1]), "mm")
-            if not self._big_enough(frac, size[0] if mm else None):
-                return replace(result, alert=False, label=None), size, meas
-            return result, size, meas
-        if result.boxes:  # boxes: the ones big enough, measured by the top one
+            mm2 = frac * area_px * mm[0] * mm[1] if mm else None
+            size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
+            if not self._big_enough(frac, mm2):
+                return replace(result, alert=False, label=None), size
+            return result, size
+        if result.boxes:  # boxes: the ones big enough, the top one's size
             kept = tuple(b for b in result.boxes if self._big_enough(*_box_size(b, area_px, mm)))
             if not kept:
-                return replace(result, alert=False, label=None, shapes=_with_boxes(result, ())), None, {}
+                return replace(result, alert=False, label=None, shapes=_with_boxes(result, ())), None
             top = kept[0]
             frac, mm2 = _box_size(top, area_px, mm)
             size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
-            meas = {}
-            if mm:
-                meas = {
-                    "width": ((top.x1 - top.x0) * mm[0], "mm"),
-                    "height": ((top.y1 - top.y0) * mm[1], "mm"),
-                }
-                if depth_ok:
-                    meas["depth"] = (max(0.0, ((top.y0 + top.y1) / 2 - depth0) * mm[1]), "mm")
-            shapes = _with_boxes(result, kept)
-            return replace(result, shapes=shapes, label=top.label, confidence=top.score), size, meas
-        return result, None, {}
+            return replace(
+                result, shapes=_with_boxes(result, kept), label=top.label, confidence=top.score
+            ), size
+        return result, None
 
     def _big_enough(self, fraction: float, mm2: float | None) -> bool:
         """mm² against the minimum in mm² when both are known, else the fraction of the region."""
@@ -177,9 +154,41 @@ class FindingStage:
         return fraction >= self.rules.min_size_fraction
 
 
-def _contour_area(c: np.ndarray) -> float:
-    import cv2
+def _scale(frame: Frame) -> tuple[float, float] | None:
+    mm = frame.meta.get("mm_per_px")
+    return (float(mm[0]), float(mm[1])) if mm else None
 
+
+def _measurements(result: Result, frame: Frame) -> dict[str, tuple[float, str]]:
+    """What a finding measures in mm when the scale is known: a region's area and the extent of its
+    largest part (two collections are not one 8 cm finding), the top box's extent; for ultrasound the
+    depth of its centre from the transducer face."""
+    mm = _scale(frame)
+    if mm is None:
+        return {}
+    depth_ok = frame.meta.get("Modality") not in _PROJECTION
+    depth0 = float(frame.meta.get("depth_origin_y") or 0.0)
+    meas: dict[str, tuple[float, str]] = {}
+    if result.area_fraction:
+        meas["area"] = (float(result.area_fraction) * frame.width * frame.height * mm[0] * mm[1], "mm2")
+        if result.contours:
+            pts = max(result.contours, key=_contour_area).reshape(-1, 2)
+            meas["width"] = (float(np.ptp(pts[:, 0]) + 1) * mm[0], "mm")
+            meas["height"] = (float(np.ptp(pts[:, 1]) + 1) * mm[1], "mm")
+        centre_y = result.centroid[1] if result.centroid is not None else None
+    elif result.boxes:
+        top = result.boxes[0]
+        meas["width"] = ((top.x1 - top.x0) * mm[0], "mm")
+        meas["height"] = ((top.y1 - top.y0) * mm[1], "mm")
+        centre_y = (top.y0 + top.y1) / 2
+    else:
+        return {}
+    if depth_ok and centre_y is not None:
+        meas["depth"] = (max(0.0, (centre_y - depth0) * mm[1]), "mm")
+    return meas
+
+
+def _contour_area(c: np.ndarray) -> float:
     return float(cv2.contourArea(c.reshape(-1, 1, 2).astype(np.int32)))
 
 

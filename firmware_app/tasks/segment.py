@@ -30,10 +30,13 @@ from firmware_app.types import Result
 AREA_EPS = 1e-4  # the area fraction's floor in log_area (an empty mask)
 
 
-def finding_features(prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """[max_logit, log_area, mean_logit] of a probability map and its mask (FINDING_FEATURES)."""
-    top = float(prob.max())
-    n = int(np.count_nonzero(mask))
+def finding_features(
+    prob: np.ndarray, mask: np.ndarray, top: float | None = None, n: int | None = None
+) -> np.ndarray:
+    """[max_logit, log_area, mean_logit] of a probability map and its mask (FINDING_FEATURES); ``top``
+    (the map's maximum) and ``n`` (the mask's pixel count) when the caller has them already."""
+    top = float(prob.max()) if top is None else top
+    n = int(np.count_nonzero(mask)) if n is None else n
     mean_in = float(prob[mask.view(bool)].mean()) if n else top
     area = n / mask.size
     return np.array(
@@ -41,11 +44,11 @@ def finding_features(prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
     )
 
 
-def finding_confidence(rules: FindingRules, prob: np.ndarray, mask: np.ndarray) -> float:
+def finding_confidence(rules: FindingRules, prob: np.ndarray, mask: np.ndarray, top: float, n: int) -> float:
     """The calibrated probability that the finding is present (or the top pixel's without a fit)."""
     if rules.coef is None:
-        return float(prob.max())
-    features = finding_features(prob, mask)
+        return top
+    features = finding_features(prob, mask, top, n)
     z = rules.intercept + float(np.dot(rules.coef, features))
     lo, hi = rules.confidence_range
     return min(max(float(sigmoid(np.float64(z))), lo), hi)
@@ -104,12 +107,12 @@ class Segmenter(Task):
             k = int(np.argmax(masks.reshape(-1, masks.shape[-1]).sum(axis=0))) if masks.shape[-1] > 1 else 0
             small = np.ascontiguousarray(masks[..., k]).view(np.uint8)
             max_per_label = {self.m.labels[i + 1]: float(probs[..., i].max()) for i in range(probs.shape[-1])}
-            prob = probs[..., k]
-        confidence = finding_confidence(self.m.finding, prob, small)
+            prob, top = probs[..., k], max_per_label[self.m.labels[k + 1]]
+        mom = cv2.moments(small, binaryImage=True)
+        confidence = finding_confidence(self.m.finding, prob, small, top, int(mom["m00"]))
         label = self.m.labels[k + 1]
         fw, fh = frame_size
         mh, mw = self.out_hw
-        mom = cv2.moments(small, binaryImage=True)
         if mom["m00"] == 0:
             return Result(
                 frame_id=frame_id,

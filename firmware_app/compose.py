@@ -65,9 +65,9 @@ def compose(
 ) -> Pipeline:
     """source -> inference -> presenter, plus the result sinks, for ``board`` running ``model``."""
     notices = list(records.notices)
-    source = open_source(run.source_uri or board.source["uri"], board.profile, board.source)
-    chain = BackendChain.from_board(board, devices.backend_devices(), records.engine_cache, _dir(records))
-    displays, size = open_displays(board, run.display_uris, notices)
+    source, chain, displays, size = _stages(
+        board, run.source_uri, run.display_uris, devices, records.engine_cache, _dir(records), notices
+    )
     watchdog = _watchdog(devices)
     silent = bool(board.pipeline["silent_trial"] if run.silent_trial is None else run.silent_trial)
     sinks = [
@@ -95,6 +95,27 @@ def compose(
         silent_trial=silent,
         clock=devices.clock,
     )
+    return _announced(pipeline, notices)
+
+
+def _stages(
+    board: BoardConfig,
+    source_uri: str | None,
+    display_uris: Any,
+    devices: Devices,
+    engine_cache: str | None,
+    data_dir: str | None,
+    notices: list[str],
+) -> tuple[Any, BackendChain, list, tuple[int, int]]:
+    """The source (built, not opened), the backend chain, and the displays with the screen size."""
+    source = open_source(source_uri or board.source["uri"], board.profile, board.source)
+    chain = BackendChain.from_board(board, devices.backend_devices(), engine_cache, data_dir)
+    displays, size = open_displays(board, display_uris, notices)
+    return source, chain, displays, size
+
+
+def _announced(pipeline: Pipeline, notices: list[str]) -> Pipeline:
+    """``pipeline`` with what composing it found on its screen, and its source told what to decode."""
     for notice in notices:
         pipeline.notify(notice)
     decode_for(pipeline)
@@ -123,16 +144,13 @@ def compose_pipeline(
     """The pipeline alone, without result sinks (the demo, the bench, tests)."""
     devices = devices or Devices()
     notices: list[str] = []
-    source = open_source(source_uri or board.source["uri"], board.profile, board.source)
     data_dir = str(Path(engine_cache).parent) if engine_cache else None  # engines/ lives in the data dir
-    chain = BackendChain.from_board(board, devices.backend_devices(), engine_cache, data_dir)
-    displays, size = open_displays(board, display_uris, notices)
+    source, chain, displays, size = _stages(
+        board, source_uri, display_uris, devices, engine_cache, data_dir, notices
+    )
     options = pipeline_options(board, max_frames)
     pipeline = Pipeline(source, model, chain.open(model), Screen(*size), displays, options, chain=chain)
-    for notice in notices:
-        pipeline.notify(notice)
-    decode_for(pipeline)
-    return pipeline
+    return _announced(pipeline, notices)
 
 
 def pipeline_options(board: BoardConfig, max_frames: int | None) -> PipelineOptions:

@@ -26,6 +26,7 @@ one of these).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -161,7 +162,7 @@ class Pipeline:
         self.listeners = listeners if listeners is not None else []
         self.chain = chain or BackendChain()
         self.heartbeat = heartbeat
-        self.sinks = sinks if sinks is not None else []
+        self.sinks = tuple(sinks or ())  # fixed once built (their on_result calls are taken once)
         self.silent_trial = silent_trial  # results are computed and recorded, the screen shows only the image
         self.clock = clock
         self.times = RollingTimes(self.options.stats_window)  # wall clock per stage (and end to end)
@@ -199,6 +200,7 @@ class Pipeline:
         self._no_signal_since: float | None = None
         self._threads: list[threading.Thread] = []
         self.t_start_ns = time.monotonic_ns()
+        self._sink_calls = tuple(sink.on_result for sink in self.sinks)  # the sinks are fixed once built
         for sink in self.sinks:
             bind = getattr(sink, "bind", None)
             if bind is not None:
@@ -393,7 +395,7 @@ class Pipeline:
 
     # -- inference ---------------------------------------------------------------------------------
     def _tell(self, frame: Frame, result: Result) -> None:
-        for on_result in [*self.listeners, *(s.on_result for s in self.sinks)]:
+        for on_result in itertools.chain(self.listeners, self._sink_calls):
             try:
                 on_result(frame, result)
             except Exception:  # noqa: BLE001

@@ -76,14 +76,9 @@ def image_files(folder: str | Path) -> list[Path]:
 def load_file(path: Path, max_frames: int = MAX_DICOM_FRAMES) -> Iterator[np.ndarray]:
     """uint8 gray or BGR frames of one file (one for an image); BadFrame names an unreadable file."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise BadFrame(f"{path}: unreadable image")
-        if img.dtype != np.uint8:
-            img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-        if img.ndim == 3 and img.shape[2] == 4:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-        yield img
+        from firmware_app.sources.video import decode_image  # as the images: source decodes it
+
+        yield decode_image(path)[0]
         return
     from firmware_app.sources.dicom import load_frames
 

@@ -16,7 +16,10 @@ from firmware_app.sources.grab import (
     bgr_to_yuyv,
     full_resolution,
     jpeg_size,
+    scale_rect_in,
+    scaled_profile,
     yuyv_frame,
+    yuyv_part,
 )
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.sources.region_detect import iou
@@ -86,6 +89,67 @@ def test_yuyv_converts_only_every_kth_pixel_pair(k):
     assert np.abs(out.astype(int) - ref).mean() < 8
     gray = yuyv_frame(yuyv, 1280, 720, k, gray=True)
     assert gray.shape == (720 // k, 1280 // k)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("gray", [True, False])
+def test_a_yuyv_part_is_exactly_the_whole_conversion_cut_there(k, gray):
+    rng = np.random.default_rng(k)
+    buf = rng.integers(0, 256, (720, 1280, 2), dtype=np.uint8)
+    whole = yuyv_frame(buf, 1280, 720, k, gray)
+    for _ in range(40):
+        x, y = int(rng.integers(0, 1200)), int(rng.integers(0, 700))
+        w, h = int(rng.integers(1, 1280 - x)), int(rng.integers(1, 720 - y))
+        part, (ox, oy) = yuyv_part(buf, 1280, 720, (x, y, w, h), k, gray)
+        assert ox % (2 * k) == 0 and oy % k == 0 and ox <= x and oy <= y
+        assert ox + part.shape[1] * k >= x + w - k and oy + part.shape[0] * k >= y + h - k  # covers it
+        np.testing.assert_array_equal(
+            part, whole[oy // k : oy // k + part.shape[0], ox // k :][:, : part.shape[1]]
+        )
+
+
+@pytest.mark.parametrize("gray", [True, False])
+@pytest.mark.parametrize(
+    "profile",
+    [
+        SourceProfile(),  # the region found in the stream
+        SourceProfile(None, ((0, 0, 1280, 60), (350, 120, 100, 50))),  # ... with a blackout inside it
+        SourceProfile((300, 100, 700, 500), ((0, 0, 1280, 60), (350, 120, 100, 50))),  # the board's crop
+    ],
+)
+def test_yuyv_converts_only_the_imaging_region(gray, profile):
+    cap = ReplayCapture.scanner("YUYV", 1280, 720, 0, count=150)
+    src = V4l2Source("v4l2:0", cap, profile=profile)
+    src.set_decode_target((128, 128), fit=(300, 200), gray=gray)
+    src.open()
+    converted: list[int] = []
+    real = yuyv_part
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        converted.append(out[0].size)
+        return out
+
+    import firmware_app.sources.v4l2 as v4l2
+
+    v4l2.yuyv_part, f = spy, None
+    try:
+        for _ in range(150):
+            f = src.read()
+    finally:
+        v4l2.yuyv_part = real
+    assert f is not None and f.meta["region_from"] in ("detected", "board")
+    k = f.meta["decode_scale"]
+    whole = yuyv_frame(cap.frames[149 % len(cap.frames)], 1280, 720, k, gray)
+    size = (whole.shape[1], whole.shape[0])
+    ref = scaled_profile(profile, k, size).apply(
+        whole, scale_rect_in(tuple(f.meta["imaging_region"]), k, size)
+    )
+    np.testing.assert_array_equal(f.pixels, ref)  # the same pixels as converting all and cutting
+    assert converted[-1] < 0.6 * whole.size  # ... from about the region alone (644x536 of 1280x720)
+    full, _ = full_resolution(f)
+    x, y, w, h = f.meta["imaging_region"]
+    assert full.shape[:2] == (h, w)  # a capture still gets the region at full resolution
 
 
 @pytest.mark.parametrize("backend", DECODERS)

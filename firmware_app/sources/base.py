@@ -150,6 +150,8 @@ class Source:
         decode_scale: int = 1,
         full_size: tuple[int, int] | None = None,
         detect_scale: int | None = None,
+        origin: tuple[int, int] = (0, 0),
+        watched: bool = False,
     ) -> Frame:
         """Apply the source profile (blackout) and the imaging region (crop), stamp the next id and the
         capture time.
@@ -161,22 +163,32 @@ class Source:
 
         ``pixels`` decoded at 1/``decode_scale`` of a ``full_size`` source picture (a grabber's frame,
         ``firmware_app.sources.grab``): the region and the profile stay in source pixels and are scaled to
-        cut it; ``meta["decode_scale"]`` says so. ``detect_scale``: see ``watch_region``.
+        cut it; ``meta["decode_scale"]`` says so. ``detect_scale``: see ``watch_region``. ``origin``
+        (source pixels, a multiple of ``decode_scale``): ``pixels`` is only the part of the picture from
+        there (it covers the imaging region: a grabber's frame converted only where needed), the detector
+        having been fed the whole picture already (``watched``).
         """
         t = time.monotonic_ns() if t_capture_ns is None else t_capture_ns
         check_pixels(pixels, self.uri)
         if self.raw_tap is not None:
             self.raw_tap(pixels)
-        self.watch_region(pixels, decode_scale, detect_scale)
+        if not watched:
+            self.watch_region(pixels, decode_scale, detect_scale)
         k = decode_scale
         size = (int(pixels.shape[1]), int(pixels.shape[0]))
         full = full_size or (size[0] * k, size[1] * k)
         region = self.imaging_region(*full, region)
         profile, rect = self.profile, region.rect
         if k != 1:
-            from firmware_app.sources.grab import scale_rect_in, scaled_profile
+            from firmware_app.sources.grab import scale_rect_in, scaled_profile, scaled_size
 
-            profile, rect = scaled_profile(self.profile, k, size), scale_rect_in(rect, k, size)
+            whole = scaled_size(*full, k) if origin != (0, 0) else size
+            profile, rect = scaled_profile(self.profile, k, whole), scale_rect_in(rect, k, whole)
+        if origin != (0, 0):
+            profile, rect = (
+                profile.shifted(-(origin[0] // k), -(origin[1] // k)),
+                _shift(rect, -(origin[0] // k), -(origin[1] // k)),
+            )
         try:
             pixels = profile.apply(pixels, rect)
         except ValueError as exc:  # a frame of another size than the profile was measured on
@@ -201,6 +213,10 @@ class Source:
         )
         self._next_id += 1
         return frame
+
+
+def _shift(rect: tuple[int, int, int, int], dx: int, dy: int) -> tuple[int, int, int, int]:
+    return (rect[0] + dx, rect[1] + dy, rect[2], rect[3])
 
 
 def _num_param(uri: str, params: dict[str, str], name: str, default, minimum, kind: type, what: str):

@@ -187,6 +187,34 @@ def yuyv_frame(data: Any, width: int, height: int, k: int = 1, gray: bool = Fals
     return cv2.cvtColor(sub.reshape(h2, n * 2, 2), cv2.COLOR_YUV2BGR_YUYV)
 
 
+def yuyv_part(data: Any, width: int, height: int, rect: Rect, k: int = 1, gray: bool = False):
+    """Only the part of a ``width`` x ``height`` YUYV picture that covers ``rect`` (source pixels),
+    converted at 1/k as ``yuyv_frame`` converts the whole picture: -> (pixels, origin), ``origin`` the
+    part's top-left corner in source pixels (a multiple of 2k across, of k down), so that the part is
+    exactly the whole picture's conversion cut at (origin / k)."""
+    buf = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if buf.size != width * height * 2 or width % 2:
+        raise BadFrame(f"YUYV frame skipped: {buf.size} bytes is not {width}x{height} YUYV")
+    x, y, w, h = rect
+    step = 2 * k
+    x0, y0 = max(0, x) // step * step, max(0, y) // k * k
+    x1 = min(width, -(-(x + w) // step) * step)
+    y1 = min(height, -(-(y + h) // k) * k)
+    if gray:
+        luma = buf.reshape(height, width, 2)[y0:y1:k, x0:x1:k, 0]
+        return np.ascontiguousarray(luma), (x0, y0)
+    pairs = buf.reshape(height, width // 2, 4)[y0:y1:k, x0 // 2 : x1 // 2 : k]
+    sub = np.ascontiguousarray(pairs)
+    h2, n = sub.shape[:2]
+    return cv2.cvtColor(sub.reshape(h2, n * 2, 2), cv2.COLOR_YUV2BGR_YUYV), (x0, y0)
+
+
+def yuyv_luma(data: Any, width: int, height: int) -> np.ndarray:
+    """The luma plane of a packed YUYV picture as a strided view (no copy): what the region detector
+    watches."""
+    return np.asarray(data, dtype=np.uint8).reshape(height, width, 2)[:, :, 0]
+
+
 def bgr_to_yuyv(bgr: np.ndarray) -> np.ndarray:
     """BGR HxWx3 (even W) -> packed YUYV HxWx2, as a grabber delivers it (BT.601 studio range)."""
     yuv = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420)  # studio-range Y, U, V at half size

@@ -40,6 +40,13 @@ class SourceProfile:
             raise ValueError(f"crop {list(rect)} lies outside the {img.shape[1]}x{img.shape[0]} frame")
         return out
 
+    def shifted(self, dx: int, dy: int) -> SourceProfile:
+        """The same profile for a picture whose origin is (-dx, -dy) of this one's (a part of it)."""
+        crop = self.crop_rect
+        if crop is not None:
+            crop = (crop[0] + dx, crop[1] + dy, crop[2], crop[3])
+        return SourceProfile(crop, tuple((x + dx, y + dy, w, h) for x, y, w, h in self.blackout))
+
     def apply(self, img: np.ndarray, rect: Rect | None = None) -> np.ndarray:
         """Black out the burned-in text (full-frame coordinates), then crop to ``rect`` (default: the
         board's crop; the board's crop, when set, is passed here by the source). Never alters ``img``."""
@@ -47,7 +54,8 @@ class SourceProfile:
         if self.blackout:
             img = img.copy()
             for x, y, w, h in self.blackout:
-                img[max(y, 0) : y + h, max(x, 0) : x + w] = 0
+                if x + w > 0 and y + h > 0:  # (a rect left of or above a part of the picture: not in it)
+                    img[max(y, 0) : y + h, max(x, 0) : x + w] = 0
         full = rect is None or (rect[:2] == (0, 0) and rect[2:] == (img.shape[1], img.shape[0]))
         out = img if full else self.crop(img, rect)
         return out if self.blackout or full else np.ascontiguousarray(out)

@@ -38,6 +38,8 @@ from firmware_app.sources.grab import (
     jpeg_size,
     scaled_size,
     yuyv_frame,
+    yuyv_luma,
+    yuyv_part,
 )
 from firmware_app.sources.profile import SourceProfile
 from firmware_app.sources.region_detect import RegionDetector
@@ -294,6 +296,8 @@ class V4l2Source(Source):
             img = self.decoder.decode(buf, k, gray)
         else:
             size = (int(self.capture.width), int(self.capture.height))
+            if self.raw_tap is None:  # (source-check shows the whole picture)
+                return self._yuyv_part(buf, size, gray, t, meta)
             k = self.decode_scale(*size)
             img = yuyv_frame(buf, *size, k, gray)
         if (img.shape[1], img.shape[0]) != scaled_size(*size, k):
@@ -304,6 +308,25 @@ class V4l2Source(Source):
         rect = tuple(int(v) for v in frame.meta["imaging_region"])
         profile = self.profile
         original = Original(fourcc, buf, size, rect, profile, self.decoder)  # type: ignore[arg-type]
+        frame.meta["original"] = original  # type: ignore[index]
+        return frame
+
+    def _yuyv_part(
+        self, buf: np.ndarray, size: tuple[int, int], gray: bool, t: int, meta: dict[str, Any]
+    ) -> Frame:
+        """A YUYV frame: the region detector watches its luma as it lies in the buffer (no conversion),
+        then only the imaging region's rows and pixel pairs are converted, at the scale needed."""
+        if buf.size != size[0] * size[1] * 2 or size[0] % 2:
+            raise BadFrame(f"YUYV frame skipped: {buf.size} bytes is not {size[0]}x{size[1]} YUYV")
+        self.watch_region(yuyv_luma(buf, *size), 1, self._detect_scale(*size))
+        k = self.decode_scale(*size)
+        rect = self.imaging_region(*size).rect
+        img, origin = yuyv_part(buf, *size, rect, k, gray)
+        frame = self.make_frame(
+            img, meta, t_capture_ns=t, decode_scale=k, full_size=size, origin=origin, watched=True
+        )
+        region = tuple(int(v) for v in frame.meta["imaging_region"])
+        original = Original("YUYV", buf, size, region, self.profile)  # type: ignore[arg-type]
         frame.meta["original"] = original  # type: ignore[index]
         return frame
 

@@ -97,42 +97,45 @@ def naive_loop(model: ModelRef, threads: int, frames: list[np.ndarray], n: int) 
     m = model.manifest
     backend = LiteRTBackend(model.tflite, threads=threads)
     spec = backend.input
-    lo, hi = m.range
-    canvas_size = (800, 480)
     t_start = 0.0
     for i in range(n + WARMUP):
         if i == WARMUP:
             t_start = time.perf_counter()
-        img = frames[i % len(frames)]
-        bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img
-        gray = (
-            cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-            if m.color == "gray"
-            else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        )
-        small = cv2.resize(gray, (m.width, m.height)).astype(np.float32) / 255.0 * (hi - lo) + lo
-        x = small.reshape(spec.shape)
-        if spec.quantized:
-            info = np.iinfo(spec.dtype)
-            x = np.clip(np.round(x / spec.scale + spec.zero_point), info.min, info.max).astype(spec.dtype)
-        outs = []
-        for raw, o in zip(backend.invoke(x.astype(spec.dtype)), backend.outputs):
-            f = raw.astype(np.float32)
-            outs.append((f - o.zero_point) * o.scale if o.quantized else f)
-        spatial = next((o for o in outs if o.ndim == 4), None)
-        if spatial is not None:  # a mask or heatmap, stretched over the frame
-            prob = spatial[0, ..., -1]
-            weight = cv2.resize((prob > 0.5).astype(np.float32), (bgr.shape[1], bgr.shape[0]))
-        else:
-            weight = np.full(bgr.shape[:2], float(outs[0].max() > 0.5), np.float32)
-        overlay = bgr.astype(np.float32)
-        color = np.array([0, 200, 255], np.float32)
-        overlay = overlay * (1 - 0.4 * weight[..., None]) + color * 0.4 * weight[..., None]
-        shown = cv2.resize(overlay.astype(np.uint8), canvas_size)
-        label = f"{m.id} {float(outs[0].max()):.2f}"
-        cv2.putText(shown, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1, (255, 255, 255), 2)
+        naive_step(backend, m, spec, frames[i % len(frames)])
     backend.close()
     return round(n / (time.perf_counter() - t_start), 2)
+
+
+def naive_step(backend, m, spec, img: np.ndarray, canvas_size: tuple[int, int] = (800, 480)) -> np.ndarray:
+    """One frame of the naive loop: convert, resize, float quantize, invoke, float dequantize, full-frame
+    blend, stretch to the screen, draw the label; the picture shown."""
+    lo, hi = m.range
+    bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img
+    gray = (
+        cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY) if m.color == "gray" else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    )
+    small = cv2.resize(gray, (m.width, m.height)).astype(np.float32) / 255.0 * (hi - lo) + lo
+    x = small.reshape(spec.shape)
+    if spec.quantized:
+        info = np.iinfo(spec.dtype)
+        x = np.clip(np.round(x / spec.scale + spec.zero_point), info.min, info.max).astype(spec.dtype)
+    outs = []
+    for raw, o in zip(backend.invoke(x.astype(spec.dtype)), backend.outputs):
+        f = raw.astype(np.float32)
+        outs.append((f - o.zero_point) * o.scale if o.quantized else f)
+    spatial = next((o for o in outs if o.ndim == 4), None)
+    if spatial is not None:  # a mask or heatmap, stretched over the frame
+        prob = spatial[0, ..., -1]
+        weight = cv2.resize((prob > 0.5).astype(np.float32), (bgr.shape[1], bgr.shape[0]))
+    else:
+        weight = np.full(bgr.shape[:2], float(outs[0].max() > 0.5), np.float32)
+    overlay = bgr.astype(np.float32)
+    color = np.array([0, 200, 255], np.float32)
+    overlay = overlay * (1 - 0.4 * weight[..., None]) + color * 0.4 * weight[..., None]
+    shown = cv2.resize(overlay.astype(np.uint8), canvas_size)
+    label = f"{m.id} {float(outs[0].max()):.2f}"
+    cv2.putText(shown, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1, (255, 255, 255), 2)
+    return shown
 
 
 def pipeline_run(
@@ -235,6 +238,7 @@ def run_bench(
 CAPTURE_WARMUP = 120  # frames before the CPU figures count: the imaging region is found by then
 CPU_FRAMES = 300  # frames the per-frame CPU figures are measured over (capture and naive alternate)
 CAPTURE_TAIL = 60  # frames the replay has beyond those measured: the stream is ended, not unplugged
+NAIVE_CAPTURE_FRAMES = 600  # the naive path's paced run (latency, dropped frames): 10 s at 60 fps
 DRIFT_SPAN = 500  # p99_drift: p99 of the last DRIFT_SPAN shown frames / p99 of the first DRIFT_SPAN
 
 
@@ -274,12 +278,34 @@ def _capture_source(cap, board, model: ModelRef):
     return src
 
 
+class _TimedDecoder:
+    """A JPEG decoder that keeps the CPU and wall time of each decode (``bench --capture``'s stages)."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder, self.name = decoder, decoder.name
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
+
+    def decode(self, data, k: int = 1, gray: bool = False):
+        w0, c0 = time.perf_counter_ns(), time.process_time_ns()
+        try:
+            return self.decoder.decode(data, k, gray)
+        finally:
+            self.cpu.append((time.process_time_ns() - c0) / 1e6)
+            self.wall.append((time.perf_counter_ns() - w0) / 1e6)
+
+
+def _stage(cpu: list[float], wall: list[float]) -> dict[str, dict[str, float]]:
+    return {"cpu": _pct(cpu), "wall": _pct(wall)}
+
+
 def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
     """CPU per frame, one thread, same frames: capture -> model tensor (decode at the needed scale, crop,
     preprocess) against the naive path (OpenCV full colour decode, as ``cv2.VideoCapture`` does, crop,
     resize to the model's input, preprocess). Both end at the model tensor; they alternate frame by
     frame, after CAPTURE_WARMUP frames (the region found). CPU time of the process: OpenCV's worker
-    threads count too."""
+    threads count too. ``stages``: CPU and wall time p50/p99 of each step of both paths (``read`` is the
+    source's: decode, region watch and crop; ``decode`` inside it for MJPG)."""
     from firmware_app.sources.grab import yuyv_frame
 
     m = model.manifest
@@ -288,34 +314,100 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
     backend.close()
     pre = Preprocessor(m, spec)
     src = _capture_source(cap.again(fps=0, count=CAPTURE_WARMUP + n), board, model)
+    timed = _TimedDecoder(src.decoder) if cap.fourcc == "MJPG" else None
+    if timed is not None:
+        src._decoder = timed  # type: ignore[assignment]
     src.open()
     for _ in range(CAPTURE_WARMUP):
         frame = src.read()
+    if timed is not None:
+        timed.cpu.clear()
+        timed.wall.clear()
     ours, naive = [], []
+    cpu: dict[str, list[float]] = {k: [] for k in ("read", "preprocess", "n_decode", "n_resize", "n_pre")}
+    wall: dict[str, list[float]] = {k: [] for k in cpu}
+
+    def mark(name: str, w0: int, c0: int) -> tuple[int, int]:
+        w1, c1 = time.perf_counter_ns(), time.process_time_ns()
+        cpu[name].append((c1 - c0) / 1e6)
+        wall[name].append((w1 - w0) / 1e6)
+        return w1, c1
+
     for i in range(n):
-        c0 = time.process_time_ns()
+        w, c = time.perf_counter_ns(), time.process_time_ns()
         frame = src.read()
+        w, c = mark("read", w, c)
         pre(frame.pixels)
-        c1 = time.process_time_ns()
+        mark("preprocess", w, c)
         buf = cap.frames[(CAPTURE_WARMUP + i) % len(cap.frames)]
-        x, y, w, h = frame.meta["imaging_region"]
-        c2 = time.process_time_ns()
+        x, y, rw, rh = frame.meta["imaging_region"]
+        w, c = time.perf_counter_ns(), time.process_time_ns()
         if cap.fourcc == "MJPG":
             full = cv2.imdecode(np.ascontiguousarray(buf).reshape(-1), cv2.IMREAD_COLOR)
         else:
             full = yuyv_frame(buf, cap.width, cap.height)
-        region = full[y : y + h, x : x + w]
-        pre(cv2.resize(region, (m.width, m.height), interpolation=cv2.INTER_AREA))
-        c3 = time.process_time_ns()
-        ours.append((c1 - c0) / 1e6)
-        naive.append((c3 - c2) / 1e6)
+        w, c = mark("n_decode", w, c)
+        small = cv2.resize(full[y : y + rh, x : x + rw], (m.width, m.height), interpolation=cv2.INTER_AREA)
+        w, c = mark("n_resize", w, c)
+        pre(small)
+        mark("n_pre", w, c)
+        ours.append(cpu["read"][-1] + cpu["preprocess"][-1])
+        naive.append(cpu["n_decode"][-1] + cpu["n_resize"][-1] + cpu["n_pre"][-1])
     src.close()
+    stages: dict[str, Any] = {
+        "ours": {"read": _stage(cpu["read"], wall["read"])},
+        "naive": {
+            "decode": _stage(cpu["n_decode"], wall["n_decode"]),
+            "resize": _stage(cpu["n_resize"], wall["n_resize"]),
+            "preprocess": _stage(cpu["n_pre"], wall["n_pre"]),
+        },
+    }
+    if timed is not None and timed.cpu:
+        stages["ours"]["decode"] = _stage(timed.cpu, timed.wall)
+    stages["ours"]["preprocess"] = _stage(cpu["preprocess"], wall["preprocess"])
     return {
         "decode_scale": int(frame.meta.get("decode_scale", 1)),
         "decoder": src.decoder.name if cap.fourcc == "MJPG" else "yuyv",
         "imaging_region": list(frame.meta["imaging_region"]),
         "cpu_ms_p50": round(float(np.median(ours)), 3),
         "naive_cpu_ms_p50": round(float(np.median(naive)), 3),
+        "stages": stages,
+    }
+
+
+def capture_naive_run(board, model: ModelRef, cap, region: list[int]) -> dict[str, Any]:
+    """The naive path on the same paced stream, on one thread: OpenCV's full decode, the imaging region cut
+    out, then the naive loop's step (resize, float quantize, invoke, dequantize, full-frame blend, stretch
+    to the screen, label). Latency from the frame's arrival to its picture drawn; the frames the grabber
+    overwrote while the loop was busy are dropped."""
+    from firmware_app.backends.litert import LiteRTBackend
+    from firmware_app.sources.grab import yuyv_frame
+
+    m = model.manifest
+    backend = LiteRTBackend(model.tflite, threads=board.backend["threads"])
+    canvas = (int(board.display["width"]), int(board.display["height"]))
+    x, y, w, h = region
+    n = cap.count - CAPTURE_TAIL
+    latency: list[float] = []
+    cap.open()
+    while cap.n < n:
+        ok, buf = cap.read()
+        if not ok:
+            break
+        t_arrival = cap.t_arrival_ns
+        if cap.fourcc == "MJPG":
+            full = cv2.imdecode(np.ascontiguousarray(buf).reshape(-1), cv2.IMREAD_COLOR)
+        else:
+            full = yuyv_frame(buf, cap.width, cap.height)
+        naive_step(backend, m, backend.input, full[y : y + h, x : x + w], canvas)
+        latency.append((time.monotonic_ns() - t_arrival) / 1e6)
+    cap.release()
+    backend.close()
+    return {
+        "frames": n,
+        "frames_shown": len(latency),
+        "frames_dropped": int(cap.missed),
+        "e2e_latency_ms": _pct(latency[WARMUP:] or latency) if latency else None,
     }
 
 
@@ -359,6 +451,8 @@ def capture_pipeline(board, model: ModelRef, cap, engine_cache: str | None = Non
         "p99_drift": round(drift, 3) if drift is not None else None,
         "mismatched_overlays": int(stats["mismatched_overlays"]),
         "decode_scale_last": scales[-1] if scales else None,
+        "stages_ms": stats["stages_ms"],
+        "cpu_ms": stats["cpu_ms"],
     }
 
 
@@ -380,6 +474,8 @@ def run_capture_bench(
     cap = ReplayCapture.scanner(fourcc, width, height, fps, count=frames)
     cpu = capture_cpu(board, model, cap, min(CPU_FRAMES, max(frames, 30)))
     run = capture_pipeline(board, model, cap.again(count=frames + CAPTURE_TAIL), engine_cache)
+    naive_n = min(frames, NAIVE_CAPTURE_FRAMES)
+    naive = capture_naive_run(board, model, cap.again(count=naive_n + CAPTURE_TAIL), cpu["imaging_region"])
     m = model.manifest
     out = {
         "fourcc": fourcc,
@@ -401,6 +497,11 @@ def run_capture_bench(
         "frames_inferred": run["frames_inferred"],
         "frames_dropped": run["frames_dropped"],
         "mismatched_overlays": run["mismatched_overlays"],
+        # per step of both paths (one thread, same frames), and per stage of the pipeline run
+        "stages": cpu["stages"],
+        "pipeline_stages_ms": run["stages_ms"],
+        "pipeline_cpu_ms": run["cpu_ms"],
+        "naive": naive,
     }
     if report_dir:
         from firmware_app.bench_report import write_report

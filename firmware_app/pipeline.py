@@ -357,6 +357,7 @@ class Pipeline:
     # -- capture -----------------------------------------------------------------------------------
     def _capture_loop(self) -> None:
         while not self.stopped.is_set():
+            c0 = time.thread_time_ns()
             try:
                 frame = self.source.read()
             except SourceUnavailable as exc:
@@ -375,6 +376,9 @@ class Pipeline:
             if frame is None:
                 break
             self._no_signal_since = None
+            # reading a frame: its decode (a grabber's), region watch and crop; wall time from its arrival
+            self.cpu_times.add_ns("capture", c0, time.thread_time_ns())
+            self.times.add_ns("capture", frame.t_capture_ns, time.monotonic_ns())
             with self._lock:
                 self.counters.frames_in += 1
             self.latest_raw = frame

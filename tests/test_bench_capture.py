@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware_app.bench import parse_capture, run_capture_bench
+from firmware_app.bench import CAPTURE_TAIL, parse_capture, run_capture_bench
 from firmware_app.cli import main
 from firmware_app.errors import BadSource
 from firmware_app.sources.grab import jpeg_size
@@ -89,3 +89,16 @@ def test_capture_bench_1080p_mjpg_reports_the_design_fields(tmp_path):
         "capture.json",
     }
     assert cv2.imread(str(tmp_path / "latency_cdf.png")) is not None
+    # per-step CPU and wall times of both paths, decode included, and per stage of the pipeline run
+    stages = cap["stages"]
+    assert {"read", "decode", "preprocess"} <= set(stages["ours"])
+    assert set(stages["naive"]) == {"decode", "resize", "preprocess"}
+    for step in (*stages["ours"].values(), *stages["naive"].values()):
+        assert set(step) == {"cpu", "wall"} and set(step["cpu"]) == {"p50", "p99"}
+    assert stages["ours"]["decode"]["cpu"]["p50"] <= stages["ours"]["read"]["cpu"]["p99"]
+    assert {"capture", "invoke", "e2e"} <= set(cap["pipeline_stages_ms"])
+    assert "capture" in cap["pipeline_cpu_ms"]
+    # the naive path on the same paced stream: its latency and the frames it could not take
+    naive = cap["naive"]
+    assert naive["frames_shown"] + naive["frames_dropped"] <= naive["frames"] + CAPTURE_TAIL
+    assert naive["frames_shown"] > 0 and set(naive["e2e_latency_ms"]) == {"p50", "p99"}

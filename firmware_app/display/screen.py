@@ -21,9 +21,10 @@ Rules it keeps (docs/DESIGN.md, "Safety rules"):
 - silent trial and AI off show no overlay and no finding.
 
 Speed: the layout, fonts and colour planes are computed once (and again only when the frame size changes);
-the canvas is reused, the frame is resized straight into its place, the banner rows and each panel section
-are redrawn only when their content changes, and a segmentation tint is blended only inside the mask's
-bounding box. ``render`` returns the same buffer every call: a caller that keeps it must copy it.
+the canvas is reused, the frame is resized straight into its place (with a heatmap blended in first at the
+frame's size, when that is the smaller: one stretch of the composed picture), the banner rows and each panel
+section are redrawn only when their content changes, and a segmentation tint is blended only inside the
+mask's bounding box. ``render`` returns the same buffer every call: a caller that keeps it must copy it.
 """
 
 from __future__ import annotations

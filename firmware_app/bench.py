@@ -8,6 +8,8 @@
   invoke slower than a tight loop does, and that part of the latency is the model's, not the pipeline's;
 - a naive single-threaded read -> convert -> resize -> float quantize -> invoke -> float dequantize ->
   full-frame blend -> draw loop, the reference a user would write (``naive_loop_fps``).
+``render_ms``: the screen's render alone (``Screen.render``), at 800x480 and 1920x1080, of the model's own
+results on its frames, wall and CPU time p50/p99 (RENDERS renders at each size, the sizes alternating).
 ``overhead_ms_p50`` is the CPU time per analysed frame spent outside invoke: preprocess + postprocess (p50
 each, CPU time of the thread that does them) + render and display at the share of frames the screen
 shows. ``startup_s``: process start to the first result on screen, in a fresh process. ``rss_mb``: this
@@ -44,6 +46,9 @@ PACED_FPS = 30.0
 # the phantom each bundled model was made for: an x-ray detector fed ultrasound would find (and draw) a
 # different number of boxes than it does on its own images; other models get the ultrasound phantom
 PHANTOMS = {"us-fluid-seg": "ultrasound", "us-bline-cls": "lung", "xr-nodule-det": "xray"}
+RENDER_SIZES = ((800, 480), (1920, 1080))  # the 7" screen, and a 1080p monitor
+RENDERS = 200  # renders timed at each size
+RENDER_RESULTS = 32  # results (after WARMUP) the renders cycle through: the phantom's cached frames
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -153,6 +158,42 @@ def pipeline_run(
     return stats
 
 
+def render_times(
+    board, model: ModelRef, source_uri: str, n: int = RENDERS, engine_cache: str | None = None
+) -> dict[str, Any]:
+    """``Screen.render`` alone at each of RENDER_SIZES, wall and CPU time p50/p99 (CPU time of the process:
+    OpenCV's worker threads count, which ``cpu_ms``, one thread's, does not see; the pipeline is closed by
+    then). What it renders is what the presenter shows: the screen states of
+    RENDER_RESULTS results of the full pipeline (after WARMUP), each with its own frame; the sizes
+    alternate render by render, after WARMUP uncounted renders each."""
+    from firmware_app.display.screen import Screen
+
+    p = build_pipeline(
+        board, model, source_uri, ["null"], max_frames=WARMUP + RENDER_RESULTS, engine_cache=engine_cache
+    )
+    p.options.score_truth = False
+    states: list[Any] = []
+    p.listeners.append(lambda frame, result: states.append(p.presenter.state(frame, result, None, False)))
+    p.run()
+    states = states[WARMUP:] or states
+    if not states:
+        return {}
+    screens = {f"{w}x{h}": Screen(w, h) for w, h in RENDER_SIZES}
+    for screen in screens.values():
+        for i in range(WARMUP):
+            screen.render(states[i % len(states)])
+    wall: dict[str, list[float]] = {k: [] for k in screens}
+    cpu: dict[str, list[float]] = {k: [] for k in screens}
+    for i in range(n):
+        state = states[i % len(states)]
+        for key, screen in screens.items():
+            t0, c0 = time.perf_counter_ns(), time.process_time_ns()
+            screen.render(state)
+            wall[key].append((time.perf_counter_ns() - t0) / 1e6)
+            cpu[key].append((time.process_time_ns() - c0) / 1e6)
+    return {k: {"wall": _pct(wall[k]), "cpu": _pct(cpu[k])} for k in screens}
+
+
 def measure_startup(board_ref: str | None, model_ref: str, data_dir: str | None, kind: str) -> float | None:
     """A fresh process: start -> first result shown, as the run command reports it, plus interpreter start."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,6 +241,7 @@ def run_bench(
     paced_n = max(30, frames // 2)
     paced_stats = pipeline_run(board, model, paced, paced_n, engine_cache)
     paced_bare = bare_invoke(model, chain, sample, paced_n, PACED_FPS)["invoke_ms"]
+    render = render_times(board, model, unlimited, engine_cache=engine_cache)
     stages = full["stages_ms"]
     # CPU time per analysed frame outside invoke: pre- and post-processing every frame, the screen at the
     # share of frames it shows (it refreshes at the display's rate, not the model's)
@@ -231,6 +273,7 @@ def run_bench(
         "stages_ms": stages,
         "cpu_ms": cpu,
         "paced_stages_ms": paced_stats["stages_ms"],
+        "render_ms": render,
     }
 
 

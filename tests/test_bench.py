@@ -48,3 +48,8 @@ def test_bench_json_has_every_contract_field(capsys, tmp_path, float_model_dir):
     assert result["startup_s"] is not None and 0 < result["startup_s"] < 30
     assert result["rss_mb"] > 0
     assert set(result["invoke_ms_paced"]) == {"p50", "p99"} and result["overhead_ms_p50"] > 0
+    # the screen's render alone, at the 7" size and at 1080p: wall and CPU time of each
+    assert set(result["render_ms"]) == {"800x480", "1920x1080"}
+    for figures in result["render_ms"].values():
+        assert set(figures) == {"wall", "cpu"}
+        assert all(set(f) == {"p50", "p99"} and f["p50"] > 0 for f in figures.values())

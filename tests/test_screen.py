@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from firmware_app.display.overlay import OverlayPainter
 from firmware_app.display.screen import ACCENT, ALERT, AMBER, Screen, ScreenState
 from firmware_app.types import Box, Frame, Result
 
@@ -263,6 +264,45 @@ def test_detection_boxes_and_heatmap_are_drawn_on_the_image():
     h, w = diff.shape
     assert diff[int(h * 3 / 8), int(w * 3 / 8)] > 60  # hot spot coloured
     assert diff[int(h * 7 / 8), int(w * 7 / 8)] == 0  # zero heat leaves the image alone
+
+
+def _heat_and_mask(fid: int = 7) -> Result:
+    """A heatmap (smooth, a model's 15 x 20 cells) under a mask with its outline: the layers that may be
+    blended at the frame's size and those that must stay crisp at the screen's."""
+    rng = np.random.default_rng(3)
+    heat = cv2.GaussianBlur(rng.random((15, 20)).astype(np.float32), (0, 0), 1.5)
+    heat = (heat - heat.min()) / (heat.max() - heat.min())
+    seg = _seg(fid, rect=(200, 150, 330, 260))
+    return Result(**{**seg.__dict__, "heatmap": heat})
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("frame_size", [(640, 480), (560, 420), (480, 360), (1920, 1080), (200, 150)])
+@pytest.mark.parametrize("color", [False, True])
+def test_a_heatmap_looks_as_if_blended_over_the_stretched_frame(size, frame_size, color):
+    """Where the frame is the smaller, the screen blends the heatmap into it before stretching it once;
+    the picture is the stretched frame with every layer painted over it at the screen's size, within two
+    gray levels (rounding at the other resolution); the mask and its outline stay crisp."""
+    frame, result = _frame(w=frame_size[0], h=frame_size[1], color=color), _heat_and_mask()
+    plain_screen, screen = Screen(*size), Screen(*size)
+    expected = _image(plain_screen, plain_screen.render(_state(frame)))
+    OverlayPainter().paint(expected, result.shapes, frame_size, screen._style)
+    out = _image(screen, screen.render(_state(frame, result)))
+    diff = np.abs(out.astype(int) - expected)
+    assert diff.max() <= 2
+    if screen.image_rect.w * screen.image_rect.h <= frame_size[0] * frame_size[1]:
+        assert diff.max() == 0  # blended at the screen's size: exactly the same
+
+
+def test_a_heatmap_over_a_gray_picture_is_its_colour_copy_blended():
+    painter, result = OverlayPainter(), _heat_and_mask()
+    gray = _frame(w=320, h=240).pixels
+    expected = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    assert painter.paint_heatmaps(expected, result.shapes)
+    out = np.zeros_like(expected)
+    assert painter.paint_heatmaps(out, result.shapes, gray=gray)
+    assert (out == expected).all()
+    assert not painter.paint_heatmaps(out, _seg().shapes, gray=gray)  # no heatmap: nothing written
 
 
 def test_render_reuses_its_buffer_and_is_fast():

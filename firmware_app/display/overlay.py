@@ -7,6 +7,11 @@ traces its own), boxes with their label and score, points with their label.
 
 ``view`` is BGR uint8 and shows the whole frame (``frame_size`` = (width, height)) stretched to its own
 size; it is drawn in place. A painter keeps its scratch buffers between calls: one per display.
+
+Heatmaps are smooth (a model's few-dozen-cell map, stretched linearly), so they are the one layer that
+may be blended at another resolution than the view's: the screen blends them into the frame at the
+smaller of the frame's and the view's size (``paint_heatmaps``), stretches that once, and paints the other
+layers at the view's size (``paint(..., heatmaps=False)``): masks, outlines, boxes and text stay crisp.
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ TAG_FONT = "sans-bold"
 _JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_JET)[:, 0, :]
 
 
+def heatmap_cells(shapes: Iterable[object]) -> tuple[int, int] | None:
+    """The most rows and columns of the heatmaps among ``shapes``; None when there is none."""
+    sizes = [np.shape(s.data)[:2] for s in shapes if isinstance(s, Heatmap)]
+    if not sizes:
+        return None
+    return max(r for r, _ in sizes), max(c for _, c in sizes)
+
+
 @dataclass(frozen=True)
 class Style:
     """Line thickness, tag text size and padding (px), derived from the short side of what is looked at."""
@@ -57,19 +70,24 @@ class OverlayPainter:
     def __init__(self) -> None:
         self._font = Font.load(TAG_FONT)
         self._accent: np.ndarray | None = None
-        self._heat: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._heat: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
     def paint(
-        self, view: np.ndarray, shapes: Iterable[object], frame_size: tuple[int, int], style: Style
+        self,
+        view: np.ndarray,
+        shapes: Iterable[object],
+        frame_size: tuple[int, int],
+        style: Style,
+        heatmaps: bool = True,
     ) -> None:
-        """Draw ``shapes`` (frame coordinates) onto ``view``, which shows the ``frame_size`` frame."""
+        """Draw ``shapes`` (frame coordinates) onto ``view``, which shows the ``frame_size`` frame;
+        ``heatmaps=False``: all but the heatmaps, which the caller blended (``paint_heatmaps``)."""
         shapes = tuple(shapes)
         fw, fh = frame_size
         scale = (view.shape[1] / fw, view.shape[0] / fh)
         polygons = [s.points for s in shapes if isinstance(s, Polygon)]
-        for s in shapes:
-            if isinstance(s, Heatmap):
-                self._heatmap(view, s.data)
+        if heatmaps:
+            self.paint_heatmaps(view, shapes)
         for s in shapes:
             if isinstance(s, Mask):
                 self._mask(view, s.data, style, outline=not polygons)
@@ -120,12 +138,25 @@ class OverlayPainter:
             a[:] = ACCENT
         return a[:h, :w]
 
-    def _heatmap(self, view: np.ndarray, heatmap: np.ndarray) -> None:
+    def paint_heatmaps(
+        self, image: np.ndarray, shapes: Iterable[object], gray: np.ndarray | None = None
+    ) -> bool:
+        """Blend the heatmaps among ``shapes`` onto ``image`` (BGR uint8, the whole frame at any size), the
+        bottom layer. ``gray``: the picture as a gray image of ``image``'s size, to blend from instead of
+        ``image`` (which is then written whole: one plane multiplied instead of three, no conversion
+        before). Returns whether anything was blended (with ``gray``: whether ``image`` was written)."""
+        drawn = False
+        for s in shapes:
+            if isinstance(s, Heatmap):
+                drawn = self._heatmap(image, s.data, None if drawn else gray) or drawn
+        return drawn
+
+    def _heatmap(self, view: np.ndarray, heatmap: np.ndarray, gray: np.ndarray | None = None) -> bool:
         h = np.asarray(heatmap, np.float32)
         if h.ndim == 3:
             h = h[:, :, 0]
         if h.size == 0:
-            return
+            return False
         h = np.clip(h, 0.0, 1.0)
         color = _JET[(h * 255.0 + 0.5).astype(np.uint8)]  # cv2.applyColorMap builds its table every call
         # Premultiply at the heatmap's (small) resolution, stretch, then two saturating uint8 passes:
@@ -134,19 +165,23 @@ class OverlayPainter:
         col_a = (color * a[:, :, None] + 0.5).astype(np.uint8)
         keep = ((1.0 - a) * 255.0 + 0.5).astype(np.uint8)
         vh, vw = view.shape[:2]
-        if self._heat is None or self._heat[2].shape != (vh, vw):
-            self._heat = (
-                np.empty((vh, vw, 3), np.uint8),
-                np.empty((vh, vw, 3), np.uint8),
-                np.empty((vh, vw), np.uint8),
-            )
-        col_buf, keep_buf, keep1 = self._heat
+        if self._heat is None or self._heat[1].shape != (vh, vw):
+            self._heat = (np.empty((vh, vw, 3), np.uint8), np.empty((vh, vw), np.uint8), None)
+        col_buf, keep1, keep_buf = self._heat
         cv2.resize(col_a, (vw, vh), dst=col_buf, interpolation=cv2.INTER_LINEAR)
-        # one channel stretched, then copied to three: a third of the interpolation work
+        # one channel stretched: a third of the interpolation work
         cv2.resize(keep, (vw, vh), dst=keep1, interpolation=cv2.INTER_LINEAR)
-        cv2.cvtColor(keep1, cv2.COLOR_GRAY2BGR, dst=keep_buf)
-        cv2.multiply(view, keep_buf, dst=view, scale=1.0 / 255.0)
+        if gray is not None:  # a gray picture: multiplied as one plane, then copied to three (same values)
+            cv2.multiply(gray, keep1, dst=keep1, scale=1.0 / 255.0)
+            cv2.cvtColor(keep1, cv2.COLOR_GRAY2BGR, dst=view)
+        else:
+            if keep_buf is None:
+                keep_buf = np.empty((vh, vw, 3), np.uint8)
+                self._heat = (col_buf, keep1, keep_buf)
+            cv2.cvtColor(keep1, cv2.COLOR_GRAY2BGR, dst=keep_buf)
+            cv2.multiply(view, keep_buf, dst=view, scale=1.0 / 255.0)
         cv2.add(view, col_buf, dst=view)
+        return True
 
     # ----- vectors ---------------------------------------------------------------------------------------
 

@@ -21,9 +21,10 @@ Rules it keeps (docs/DESIGN.md, "Safety rules"):
 - silent trial and AI off show no overlay and no finding.
 
 Speed: the layout, fonts and colour planes are computed once (and again only when the frame size changes);
-the canvas is reused, the frame is resized straight into its place, the banner rows and each panel section
-are redrawn only when their content changes, and a segmentation tint is blended only inside the mask's
-bounding box. ``render`` returns the same buffer every call: a caller that keeps it must copy it.
+the canvas is reused, the frame is resized straight into its place (with a heatmap blended in first at the
+frame's size, when that is the smaller: one stretch of the composed picture), the banner rows and each panel
+section are redrawn only when their content changes, and a segmentation tint is blended only inside the
+mask's bounding box. ``render`` returns the same buffer every call: a caller that keeps it must copy it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import cv2
 import numpy as np
 
 from firmware_app.display.font import Font, draw_text
-from firmware_app.display.overlay import ACCENT, OverlayPainter, Style
+from firmware_app.display.overlay import ACCENT, OverlayPainter, Style, heatmap_cells
 from firmware_app.types import Frame, Result
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ REGULAR = "sans"
 # while the finding itself (label, alert) stays the same: at 30 frames a second they would flicker past
 # unread, and redrawing them is most of a frame's screen time. A change of finding shows at once.
 DETAIL_REFRESH_S = 0.5
+# A heatmap is blended into the frame before the frame is stretched (one resize of the composed picture
+# instead of the frame's and two heatmap planes' at the screen's size) when the frame is the smaller and
+# has at least this many pixels a heatmap cell (a model's 15 x 20 map on a 640 x 480 frame: 32).
+HEAT_CELL_PX = 28
 
 
 @dataclass
@@ -186,6 +191,7 @@ class Screen:
         self.image_rect: Rect | None = None  # where the frame is, on the canvas
         self._area_clean = False  # image area is plain black outside image_rect
         self._gray_buf: np.ndarray | None = None
+        self._small_buf: np.ndarray | None = None  # the frame in colour at its size, a heatmap blended in
 
     # ----- layout -----------------------------------------------------------------------------------
 
@@ -322,11 +328,13 @@ class Screen:
         if state.no_signal and matched is not None:  # the dimmed frame is not live: its finding is old
             older, matched = matched, None
 
-        self._draw_image(frame, dim=state.no_signal)
         ai_shown = not (state.ai_off or state.silent_trial)
         finding_shown = matched is not None and matched.is_finding
-        if finding_shown and ai_shown and self.image_rect is not None and frame is not None:
-            self._draw_overlay(matched, frame)
+        overlay = matched if finding_shown and ai_shown and frame is not None else None
+        # the heatmaps go in with the frame (blended before it is stretched, when it is the smaller)
+        self._draw_image(frame, dim=state.no_signal, shapes=overlay.shapes if overlay is not None else ())
+        if overlay is not None and self.image_rect is not None:
+            self._draw_overlay(overlay, frame)
         if state.no_signal or frame is None:
             self._draw_center_notice(state.no_signal)
 
@@ -372,7 +380,11 @@ class Screen:
     def _clear_region(self) -> None:
         self.image_region.view(self.canvas)[:] = IMAGE_BG
 
-    def _draw_image(self, frame: Frame | None, dim: bool) -> None:
+    def _draw_image(self, frame: Frame | None, dim: bool, shapes: tuple = ()) -> None:
+        """The frame, letterboxed into its place, with the heatmaps among ``shapes`` blended in: at the
+        frame's size when that is the smaller (then stretched once, the composed picture instead of the
+        frame and two heatmap planes), else at the view's. A heatmap is smooth, so either looks the same;
+        masks, outlines and boxes are drawn afterwards at the view's size (``_draw_overlay``)."""
         if frame is None:
             if self.image_rect is not None or not self._area_clean:
                 self._clear_region()
@@ -392,16 +404,38 @@ class Screen:
             h2, w2 = px.shape[0] // 2, px.shape[1] // 2
             px = cv2.resize(px[: 2 * h2, : 2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
         same = px.shape[1] == r.w and px.shape[0] == r.h
-        if px.ndim == 2:
-            if same:
-                cv2.cvtColor(px, cv2.COLOR_GRAY2BGR, dst=view)
+        cells = heatmap_cells(shapes)
+        heat = cells is not None
+        # blend at the frame's size and stretch once, when the frame is the smaller and has HEAT_CELL_PX
+        # pixels a heatmap cell: blended there and then stretched, a heatmap differs from one stretched with
+        # the frame by a rounding step or two (its bends at the cells' centres are sampled at the frame's
+        # pixels: the coarser they are, the more they soften)
+        fh, fw = px.shape[:2]
+        if heat and fh * fw < r.w * r.h and fh >= HEAT_CELL_PX * cells[0] and fw >= HEAT_CELL_PX * cells[1]:
+            small = self._small_buf
+            if small is None or small.shape[:2] != (fh, fw):
+                small = self._small_buf = np.empty((fh, fw, 3), np.uint8)
+            if px.ndim == 2:
+                if not self._painter.paint_heatmaps(small, shapes, gray=px):
+                    cv2.cvtColor(px, cv2.COLOR_GRAY2BGR, dst=small)
             else:
+                np.copyto(small, px)
+                self._painter.paint_heatmaps(small, shapes)
+            cv2.resize(small, (r.w, r.h), dst=view, interpolation=cv2.INTER_LINEAR)
+        elif px.ndim == 2:
+            gray = px
+            if not same:
                 cv2.resize(px, (r.w, r.h), dst=self._gray_buf, interpolation=cv2.INTER_LINEAR)
-                cv2.cvtColor(self._gray_buf, cv2.COLOR_GRAY2BGR, dst=view)
-        elif same:
-            np.copyto(view, px)
+                gray = self._gray_buf
+            if not (heat and self._painter.paint_heatmaps(view, shapes, gray=gray)):
+                cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR, dst=view)
         else:
-            cv2.resize(px, (r.w, r.h), dst=view, interpolation=cv2.INTER_LINEAR)
+            if same:
+                np.copyto(view, px)
+            else:
+                cv2.resize(px, (r.w, r.h), dst=view, interpolation=cv2.INTER_LINEAR)
+            if heat:
+                self._painter.paint_heatmaps(view, shapes)
         if dim:
             cv2.convertScaleAbs(view, dst=view, alpha=0.35)
 
@@ -432,7 +466,8 @@ class Screen:
 
     def _draw_overlay(self, result: Result, frame: Frame) -> None:
         view = self.image_rect.view(self.canvas)
-        self._painter.paint(view, result.shapes, (frame.width, frame.height), self._style)
+        # the heatmaps are in already (_draw_image)
+        self._painter.paint(view, result.shapes, (frame.width, frame.height), self._style, heatmaps=False)
 
     # ----- banners ----------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from firmware_app.bench import CAPTURE_TAIL, parse_capture, run_capture_bench
 from firmware_app.cli import main
 from firmware_app.errors import BadSource
 from firmware_app.sources.grab import jpeg_size
-from firmware_app.sources.v4l2 import ReplayCapture, V4l2Source
+from firmware_app.sources.v4l2 import ReplayCapture, V4l2Source, arrival_ns
 
 CAPTURE_FIELDS = {
     "fourcc",
@@ -102,3 +102,12 @@ def test_capture_bench_1080p_mjpg_reports_the_design_fields(tmp_path):
     naive = cap["naive"]
     assert naive["frames_shown"] + naive["frames_dropped"] <= naive["frames"] + CAPTURE_TAIL
     assert naive["frames_shown"] > 0 and set(naive["e2e_latency_ms"]) == {"p50", "p99"}
+
+
+def test_a_real_grabbers_frame_is_timed_from_its_driver_timestamp():
+    now = 5_000_000_000_000
+    assert arrival_ns(now / 1e6 - 12.5, now) == now - 12_500_000  # 12.5 ms before the read returned
+    assert arrival_ns(0.0, now) is None  # no timestamp: the read time is used
+    assert arrival_ns(float("nan"), now) is None
+    assert arrival_ns(now / 1e6 + 5, now) is None  # in the future: not the monotonic clock
+    assert arrival_ns(now / 1e6 - 3000, now) is None  # 3 s old: another clock (or a stale buffer)

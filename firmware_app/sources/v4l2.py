@@ -59,6 +59,7 @@ class OpenCvCapture:
     ) -> None:
         self.device, self.fourcc, self.width, self.height, self.fps = device, fourcc, width, height, fps
         self.raw = raw and fourcc in RAW_FOURCCS  # hand over the grabber's buffer undecoded
+        self.t_arrival_ns: int | None = None
         self._cap: cv2.VideoCapture | None = None
 
     def open(self) -> bool:
@@ -86,12 +87,25 @@ class OpenCvCapture:
     def read(self) -> tuple[bool, np.ndarray | None]:
         if self._cap is None:
             return False, None
-        return self._cap.read()
+        ok, img = self._cap.read()
+        # the driver's buffer timestamp (CLOCK_MONOTONIC, as V4L2 stamps it): the frame's arrival
+        self.t_arrival_ns = arrival_ns(self._cap.get(cv2.CAP_PROP_POS_MSEC), time.monotonic_ns())
+        return ok, img
 
     def release(self) -> None:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
+
+
+def arrival_ns(pos_msec: float, now_ns: int, max_age_s: float = 2.0) -> int | None:
+    """A V4L2 buffer's timestamp (``CAP_PROP_POS_MSEC`` of OpenCV's V4L2 backend, ms on the monotonic
+    clock) as the frame's arrival time, or None when it is not one: absent (0), in the future, or older
+    than ``max_age_s`` (a driver stamping another clock); the read time is used then."""
+    t = int(pos_msec * 1e6) if pos_msec == pos_msec and pos_msec > 0 else 0
+    if t <= 0 or t > now_ns or now_ns - t > max_age_s * 1e9:
+        return None
+    return t
 
 
 class MockCapture:

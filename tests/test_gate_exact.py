@@ -2,9 +2,12 @@
 
 The bundled models' fitted gates (``models_tflite/*/gate.npz``, signed in their bundles) and the golden
 gate scores were made with the first descriptor, kept here verbatim (``_ref_*``). The fast one must give
-the same features (here: bit for bit) on every kind of input the gate meets: the phantoms of the three
-models, gray and colour, screenshots, photos, test patterns, blank frames, noise, real DICOM frames, HD
-and odd sizes, other dtypes and channel counts.
+the same features on every kind of input the gate meets: the phantoms of the three models, gray and
+colour, screenshots, photos, test patterns, blank frames, noise, real DICOM frames, HD and odd sizes,
+other dtypes and channel counts. Texture, gradient, layout and colour features (float32 OpenCV arithmetic
+reproduced) are bit for bit the same; the gray-level ones (histogram, black, white, mean, std) come from
+exact integer sums now, rounded once, where the first summed rounded fractions: they differ in the last
+bits only (the tolerance, 1e-12, is far below the 1e-9 the fitted gates and golden scores allow).
 """
 
 from __future__ import annotations
@@ -161,6 +164,9 @@ def test_the_inputs_are_varied(inputs):
     assert len(inputs) >= 50, sorted(inputs)
 
 
+GRAY_LEVEL = 20  # features [0, 20): 16-bin histogram, black, white, mean, std
+
+
 def test_features_are_those_of_the_first_implementation(inputs):
     worst = 0.0
     for name, px in inputs.items():
@@ -170,9 +176,10 @@ def test_features_are_those_of_the_first_implementation(inputs):
         want, want_std = _ref_describe_working(work)
         assert feats.shape == (N_FEATURES,) and feats.dtype == np.float64
         worst = max(worst, float(np.abs(feats - want).max()))
-        np.testing.assert_array_equal(feats, want, err_msg=name)
-        assert std == want_std, name
-    assert worst == 0.0
+        np.testing.assert_allclose(feats[:GRAY_LEVEL], want[:GRAY_LEVEL], rtol=0, atol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(feats[GRAY_LEVEL:], want[GRAY_LEVEL:], err_msg=name)
+        assert std == pytest.approx(want_std, rel=1e-12, abs=1e-12), name
+    assert worst <= 1e-12
 
 
 def test_counts_are_calchist_at_every_zero_fraction():
@@ -207,4 +214,4 @@ def test_per_frame_score_is_the_batch_score(model_id, inputs):
         feats, want_std = _ref_describe_working(work)
         want = float(scores(params, feats)[0])
         assert got == pytest.approx(want, rel=1e-12, abs=1e-300), name
-        assert std == want_std
+        assert std == pytest.approx(want_std, rel=1e-12, abs=1e-12), name

@@ -55,7 +55,13 @@ N_FEATURES = len(FEATURE_NAMES)
 _HIST, _DIFF, _GRAD, _LMEAN, _LGRAD = 0, 20, 28, 37, 53
 _CHROMA = N_FEATURES - 2
 
-_GRAY_LEVELS = np.arange(256, dtype=np.float64)
+# the 256-level counts -> [16 bin counts, sum of levels, sum of squared levels, black, white]: integers
+# below 2**53 (at most 76800 * 255**2), so each sum is exact whatever the order of the additions
+_LEVEL_SUMS = np.zeros((256, 20))
+_LEVEL_SUMS[np.arange(256), np.arange(256) >> 4] = 1.0
+_LEVEL_SUMS[:, 16] = np.arange(256)
+_LEVEL_SUMS[:, 17] = np.arange(256) ** 2
+_LEVEL_SUMS[0, 18] = _LEVEL_SUMS[255, 19] = 1.0
 _GRAD_STARTS = np.asarray(_GRAD_EDGES[:-1], np.intp)  # the log-spaced bins as runs of the 256 levels
 # the pyramid's sizes (each level a 2x box average of the one above) and, per level, 1 / the number of
 # neighbour pairs: cv2.mean is the exact integer sum times this reciprocal, so is the L1 norm times it
@@ -64,6 +70,7 @@ _INV_PAIRS = tuple(1.0 / ((w - 1) * (h - 1)) for w, h in _SIZES)
 _HALF_W, _HALF_H = _SIZES[1]
 # zero fractions for which _counts skips the zeros (measured: faster from about 1/4 to nearly all zeros)
 _MASK_ZEROS = (0.25, 0.95)
+_CH0, _BINS, _RANGE = [0], [256], [0, 256]  # calcHist: channel 0, 256 bins over [0, 256)
 
 
 def _area_weights(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,10 +136,10 @@ def _counts(img: np.ndarray) -> np.ndarray:
     n = img.size
     zeros = n - cv2.countNonZero(img)
     if _MASK_ZEROS[0] * n <= zeros <= _MASK_ZEROS[1] * n:
-        counts = cv2.calcHist([img], [0], img, [256], [0, 256]).ravel()
+        counts = cv2.calcHist([img], _CH0, img, _BINS, _RANGE).ravel()
         counts[0] = zeros
         return counts
-    return cv2.calcHist([img], [0], None, [256], [0, 256]).ravel()
+    return cv2.calcHist([img], _CH0, None, _BINS, _RANGE).ravel()
 
 
 def working_image(pixels: np.ndarray) -> np.ndarray:
@@ -169,12 +176,16 @@ def describe_working(work: np.ndarray) -> tuple[np.ndarray, float]:
         gray = work
         vec[_CHROMA:] = 0.0
 
-    # gray levels: 16-bin histogram, black, white, mean, std (all from the 256-level counts)
-    h256 = np.divide(_counts(gray), gray.size, dtype=np.float64)
-    mean = float(h256 @ _GRAY_LEVELS)
-    std = math.sqrt(max(float(h256 @ (_GRAY_LEVELS - mean) ** 2), 0.0))
-    np.sqrt(h256.reshape(16, 16).sum(axis=1), out=vec[_HIST : _HIST + 16])
-    vec[16], vec[17], vec[18], vec[19] = h256[0], h256[255], mean / 255.0, std / 255.0
+    # gray levels: 16-bin histogram, black, white, mean, std: exact integer sums of the 256-level counts
+    n = gray.size
+    sums = _counts(gray) @ _LEVEL_SUMS
+    hist = vec[_HIST : _HIST + 16]
+    np.divide(sums[:16], n, out=hist)
+    np.sqrt(hist, out=hist)
+    s1, s2, black, white = sums[16:].tolist()
+    s1, s2 = int(s1), int(s2)
+    std = math.sqrt((n * s2 - s1 * s1) / (n * n))  # exact rational variance, rounded once
+    vec[16], vec[17], vec[18], vec[19] = black / n, white / n, s1 / n / 255.0, std / 255.0
 
     # texture: mean |neighbour difference| at four scales (an L1 norm: no difference image is made),
     # except at 1/2, whose differences make the gradient magnitude
@@ -184,11 +195,12 @@ def describe_working(work: np.ndarray) -> tuple[np.ndarray, float]:
     eighth = cv2.resize(quarter, _SIZES[3], interpolation=area)
     diff = vec[_DIFF : _DIFF + 2 * _LEVELS]
     for k, g in ((0, gray), (2, quarter), (3, eighth)):
-        inv = _INV_PAIRS[k]
-        diff[2 * k] = cv2.norm(g[:-1, 1:], g[:-1, :-1], cv2.NORM_L1) * inv
-        diff[2 * k + 1] = cv2.norm(g[1:, :-1], g[:-1, :-1], cv2.NORM_L1) * inv
-    dx = cv2.absdiff(half[:-1, 1:], half[:-1, :-1])
-    dy = cv2.absdiff(half[1:, :-1], half[:-1, :-1])
+        base, inv = g[:-1, :-1], _INV_PAIRS[k]
+        diff[2 * k] = cv2.norm(g[:-1, 1:], base, cv2.NORM_L1) * inv
+        diff[2 * k + 1] = cv2.norm(g[1:, :-1], base, cv2.NORM_L1) * inv
+    base = half[:-1, :-1]
+    dx = cv2.absdiff(half[:-1, 1:], base)
+    dy = cv2.absdiff(half[1:, :-1], base)
     diff[2], diff[3] = cv2.sumElems(dx)[0] * _INV_PAIRS[1], cv2.sumElems(dy)[0] * _INV_PAIRS[1]
     np.log1p(diff, out=diff)
     grad = cv2.add(dx, dy)
@@ -200,9 +212,8 @@ def describe_working(work: np.ndarray) -> tuple[np.ndarray, float]:
     np.sqrt(grad_hist, out=grad_hist)
 
     # layout: 4x4 mean brightness and log1p gradient magnitude
-    lm = vec[_LMEAN : _LMEAN + _GRID * _GRID]
-    lm[:] = cv2.resize(eighth, (_GRID, _GRID), interpolation=area).ravel()
-    lm /= 255.0
+    lm = cv2.resize(eighth, (_GRID, _GRID), interpolation=area).ravel()
+    np.divide(lm, 255.0, out=vec[_LMEAN : _LMEAN + _GRID * _GRID])
     np.log1p(_layout_grad(grad).ravel(), out=vec[_LGRAD : _LGRAD + _GRID * _GRID], dtype=np.float64)
     return vec, std
 

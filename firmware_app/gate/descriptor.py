@@ -27,6 +27,8 @@ floor (``model.SD_FLOOR``) means the same for all of them:
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -49,23 +51,108 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 
-# 256-entry table: gradient magnitude -> its log-spaced bin
-_GRAD_BIN = np.searchsorted(np.asarray(_GRAD_EDGES[1:]), np.arange(256), side="right").astype(np.int64)
+# where each group of features lies in the vector
+_HIST, _DIFF, _GRAD, _LMEAN, _LGRAD = 0, 20, 28, 37, 53
+_CHROMA = N_FEATURES - 2
+
+# the 256-level counts -> [16 bin counts, sum of levels, sum of squared levels, black, white]: integers
+# below 2**53 (at most 76800 * 255**2), so each sum is exact whatever the order of the additions
+_LEVEL_SUMS = np.zeros((256, 20))
+_LEVEL_SUMS[np.arange(256), np.arange(256) >> 4] = 1.0
+_LEVEL_SUMS[:, 16] = np.arange(256)
+_LEVEL_SUMS[:, 17] = np.arange(256) ** 2
+_LEVEL_SUMS[0, 18] = _LEVEL_SUMS[255, 19] = 1.0
+_GRAD_STARTS = np.asarray(_GRAD_EDGES[:-1], np.intp)  # the log-spaced bins as runs of the 256 levels
+# the pyramid's sizes (each level a 2x box average of the one above) and, per level, 1 / the number of
+# neighbour pairs: cv2.mean is the exact integer sum times this reciprocal, so is the L1 norm times it
+_SIZES = tuple((WORK_W >> k, WORK_H >> k) for k in range(_LEVELS))
+_INV_PAIRS = tuple(1.0 / ((w - 1) * (h - 1)) for w, h in _SIZES)
+_HALF_W, _HALF_H = _SIZES[1]
+# zero fractions for which _counts skips the zeros (measured: faster from about 1/4 to nearly all zeros)
+_MASK_ZEROS = (0.25, 0.95)
+_CH0, _BINS, _RANGE = [0], [256], [0, 256]  # calcHist: channel 0, 256 bins over [0, 256)
+
+
+def _area_weights(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA weights for ``src`` -> ``dst`` samples (``computeResizeAreaTab``, same double
+    arithmetic, same float32 rounding), as (source index, weight) arrays of shape (terms, dst): column
+    ``d`` lists the terms of output ``d`` in OpenCV's order, padded at the end with weight 0."""
+    scale = 1.0 / (dst / src)  # cv::resize: inv_scale = dsize / ssize, scale = 1 / inv_scale
+    columns = []
+    for d in range(dst):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, src - f1)
+        s2 = min(math.floor(f2), src - 1)
+        s1 = min(math.ceil(f1), s2)
+        terms = []
+        if s1 - f1 > 1e-3:
+            terms.append((s1 - 1, (s1 - f1) / cell))
+        terms += [(s, 1.0 / cell) for s in range(s1, s2)]
+        if f2 - s2 > 1e-3:
+            terms.append((s2, min(min(f2 - s2, 1.0), cell) / cell))
+        columns.append(terms)
+    n = max(len(c) for c in columns)
+    index = np.zeros((n, dst), np.intp)
+    weight = np.zeros((n, dst), np.float32)
+    for d, terms in enumerate(columns):
+        for k, (s, w) in enumerate(terms):
+            index[k, d], weight[k, d] = s, np.float32(w)
+    return index, weight
+
+
+# The 4x4 layout of the half-resolution gradient is cv2.resize(float32 grad, (4, 4), INTER_AREA), which
+# is a latency-bound scalar loop in OpenCV (~65 us); here the very same float32 products and sums, in the
+# same order, vectorised over rows (the result is bit-identical: tests/test_gate_exact.py). OpenCV sums
+# per source row ``buf[d] += S[s] * w`` over the terms of each output column, then per output row
+# ``sum += w * buf`` over the source rows; a padded term adds +0.0, which changes no sum.
+_GW, _GH = _HALF_W - 1, _HALF_H - 1  # the gradient image of the half-resolution level
+_X_INDEX, _X_WEIGHT = _area_weights(_GW, _GRID)
+_Y_INDEX, _Y_WEIGHT = _area_weights(_GH, _GRID)
+_X_TAKE = _X_INDEX.ravel()
+_Y_TAKE = _Y_INDEX.ravel()
+_X_W = np.ascontiguousarray(np.broadcast_to(_X_WEIGHT[:, :, None], (*_X_WEIGHT.shape, _GH)))
+_Y_W = np.ascontiguousarray(np.broadcast_to(_Y_WEIGHT[:, :, None], (*_Y_WEIGHT.shape, _GRID)))
+
+
+def _layout_grad(grad: np.ndarray) -> np.ndarray:
+    """cv2.resize(grad.astype(np.float32), (_GRID, _GRID), interpolation=cv2.INTER_AREA), bit for bit."""
+    cols = cv2.transpose(grad).astype(np.float32)  # row s = source column s
+    terms = cols[_X_TAKE].reshape(_X_W.shape)  # (term, output column, source row)
+    terms *= _X_W
+    rows = np.add.reduce(terms, axis=0).T  # (source row, output column): OpenCV's buf per source row
+    terms = rows[_Y_TAKE].reshape(_Y_W.shape)  # (term, output row, output column)
+    terms *= _Y_W
+    return np.add.reduce(terms, axis=0)
+
+
+def _counts(img: np.ndarray) -> np.ndarray:
+    """The 256-level histogram of a uint8 image: exact counts (float32, as cv2.calcHist gives them).
+
+    A frame with black around the picture (an ultrasound fan, a letterbox) has runs of zeros mixed with
+    other levels, which makes calcHist's one-table count about twice as slow per pixel; counting only the
+    nonzero pixels (the image is its own mask) and the zeros with countNonZero gives the same counts.
+    """
+    n = img.size
+    zeros = n - cv2.countNonZero(img)
+    if _MASK_ZEROS[0] * n <= zeros <= _MASK_ZEROS[1] * n:
+        counts = cv2.calcHist([img], _CH0, img, _BINS, _RANGE).ravel()
+        counts[0] = zeros
+        return counts
+    return cv2.calcHist([img], _CH0, None, _BINS, _RANGE).ravel()
 
 
 def working_image(pixels: np.ndarray) -> np.ndarray:
     """uint8 gray HxW or BGR HxWx3 (BGRA and HxWx1 accepted) -> the same at WORK_W x WORK_H."""
     px = np.asarray(pixels)
-    if px.ndim == 3 and px.shape[2] == 1:
-        px = px[:, :, 0]
-    elif px.ndim == 3:
-        px = px[:, :, :3]
+    if px.ndim == 3:
+        px = px[:, :, 0] if px.shape[2] == 1 else px[:, :, :3]
     if px.ndim not in (2, 3) or px.shape[0] < 1 or px.shape[1] < 1:
         raise ValueError(f"gate: expected an HxW or HxWx3 image, got shape {px.shape}")
     if px.dtype != np.uint8:
         px = np.clip(px, 0, 255).astype(np.uint8)
     h, w = px.shape[:2]
-    if (w, h) == (WORK_W, WORK_H):
+    if w == WORK_W and h == WORK_H:
         return px
     k = max(1, min(w // (_MAX_DIRECT * WORK_W), h // (_MAX_DIRECT * WORK_H)))
     if k > 1:
@@ -75,62 +162,59 @@ def working_image(pixels: np.ndarray) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(px), (WORK_W, WORK_H), interpolation=interp)
 
 
-def _diffs(img: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """Mean |horizontal| and |vertical| neighbour differences, and the gradient magnitude (uint8)."""
-    dx = cv2.absdiff(img[:-1, 1:], img[:-1, :-1])
-    dy = cv2.absdiff(img[1:, :-1], img[:-1, :-1])
-    return float(cv2.mean(dx)[0]), float(cv2.mean(dy)[0]), cv2.add(dx, dy)
-
-
 def describe_working(work: np.ndarray) -> tuple[np.ndarray, float]:
     """(feature vector float64[N_FEATURES], gray std) of a working image (see ``working_image``)."""
+    vec = np.empty(N_FEATURES)
     if work.ndim == 3:
         gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
-        half = cv2.resize(work, (WORK_W // 2, WORK_H // 2), interpolation=cv2.INTER_AREA)
+        half = cv2.resize(work, _SIZES[1], interpolation=cv2.INTER_AREA)
         b, g, r = cv2.split(half)  # OpenCV per-channel max/min: ~10x faster than numpy over axis 2
         chroma = cv2.subtract(cv2.max(cv2.max(b, g), r), cv2.min(cv2.min(b, g), r))
-        chroma_mean = float(cv2.mean(chroma)[0]) / 255.0
-        chroma_frac = cv2.countNonZero(cv2.compare(chroma, _CHROMA_MIN, cv2.CMP_GT)) / chroma.size
+        vec[_CHROMA] = float(cv2.mean(chroma)[0]) / 255.0
+        vec[_CHROMA + 1] = cv2.countNonZero(cv2.compare(chroma, _CHROMA_MIN, cv2.CMP_GT)) / chroma.size
     else:
         gray = work
-        chroma_mean = chroma_frac = 0.0
+        vec[_CHROMA:] = 0.0
+
+    # gray levels: 16-bin histogram, black, white, mean, std: exact integer sums of the 256-level counts
     n = gray.size
-    h256 = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel().astype(np.float64) / n
-    levels = np.arange(256, dtype=np.float64)
-    mean = float(h256 @ levels)
-    std = float(np.sqrt(max(float(h256 @ (levels - mean) ** 2), 0.0)))
-    hist16 = np.sqrt(h256.reshape(16, 16).sum(axis=1))
+    sums = _counts(gray) @ _LEVEL_SUMS
+    hist = vec[_HIST : _HIST + 16]
+    np.divide(sums[:16], n, out=hist)
+    np.sqrt(hist, out=hist)
+    s1, s2, black, white = sums[16:].tolist()
+    s1, s2 = int(s1), int(s2)
+    std = math.sqrt((n * s2 - s1 * s1) / (n * n))  # exact rational variance, rounded once
+    vec[16], vec[17], vec[18], vec[19] = black / n, white / n, s1 / n / 255.0, std / 255.0
 
-    pyramid = [gray]
-    for _ in range(_LEVELS - 1):
-        g = pyramid[-1]
-        pyramid.append(cv2.resize(g, (g.shape[1] // 2, g.shape[0] // 2), interpolation=cv2.INTER_AREA))
-    diffs = []
-    grad_half = None
-    for k, g in enumerate(pyramid):
-        mx, my, grad = _diffs(g)
-        diffs += [np.log1p(mx), np.log1p(my)]
-        if k == 1:
-            grad_half = grad
-    assert grad_half is not None
-    gh = cv2.calcHist([grad_half], [0], None, [256], [0, 256]).ravel()
-    grad_hist = np.sqrt(np.bincount(_GRAD_BIN, weights=gh, minlength=len(_GRAD_EDGES) - 1) / grad_half.size)
+    # texture: mean |neighbour difference| at four scales (an L1 norm: no difference image is made),
+    # except at 1/2, whose differences make the gradient magnitude
+    area = cv2.INTER_AREA
+    half = cv2.resize(gray, _SIZES[1], interpolation=area)
+    quarter = cv2.resize(half, _SIZES[2], interpolation=area)
+    eighth = cv2.resize(quarter, _SIZES[3], interpolation=area)
+    diff = vec[_DIFF : _DIFF + 2 * _LEVELS]
+    for k, g in ((0, gray), (2, quarter), (3, eighth)):
+        base, inv = g[:-1, :-1], _INV_PAIRS[k]
+        diff[2 * k] = cv2.norm(g[:-1, 1:], base, cv2.NORM_L1) * inv
+        diff[2 * k + 1] = cv2.norm(g[1:, :-1], base, cv2.NORM_L1) * inv
+    base = half[:-1, :-1]
+    dx = cv2.absdiff(half[:-1, 1:], base)
+    dy = cv2.absdiff(half[1:, :-1], base)
+    diff[2], diff[3] = cv2.sumElems(dx)[0] * _INV_PAIRS[1], cv2.sumElems(dy)[0] * _INV_PAIRS[1]
+    np.log1p(diff, out=diff)
+    grad = cv2.add(dx, dy)
 
-    layout_mean = cv2.resize(pyramid[-1], (_GRID, _GRID), interpolation=cv2.INTER_AREA).astype(np.float64)
-    layout_grad = cv2.resize(
-        grad_half.astype(np.float32), (_GRID, _GRID), interpolation=cv2.INTER_AREA
-    ).astype(np.float64)
-    vec = np.concatenate(
-        [
-            hist16,
-            [h256[0], h256[255], mean / 255.0, std / 255.0],
-            diffs,
-            grad_hist,
-            layout_mean.ravel() / 255.0,
-            np.log1p(layout_grad.ravel()),
-            [chroma_mean, chroma_frac],
-        ]
-    )
+    # gradient-magnitude histogram: the 256-level counts summed over the log-spaced bins (exact integers)
+    grad_hist = vec[_GRAD : _GRAD + len(_GRAD_STARTS)]
+    np.add.reduceat(_counts(grad), _GRAD_STARTS, dtype=np.float64, out=grad_hist)
+    grad_hist /= grad.size
+    np.sqrt(grad_hist, out=grad_hist)
+
+    # layout: 4x4 mean brightness and log1p gradient magnitude
+    lm = cv2.resize(eighth, (_GRID, _GRID), interpolation=area).ravel()
+    np.divide(lm, 255.0, out=vec[_LMEAN : _LMEAN + _GRID * _GRID])
+    np.log1p(_layout_grad(grad).ravel(), out=vec[_LGRAD : _LGRAD + _GRID * _GRID], dtype=np.float64)
     return vec, std
 
 

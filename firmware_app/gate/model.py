@@ -23,6 +23,7 @@ The gate file holds plain arrays (``np.load(allow_pickle=False)``): ``format``, 
 
 from __future__ import annotations
 
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,11 @@ class InputGate:
         self.params = params
         self.threshold = float(threshold)
         self.path = path
+        # what the per-frame score needs, taken once: contiguous float64 arrays and plain floats
+        self._mean = np.ascontiguousarray(params.mean, np.float64)
+        self._scale = np.ascontiguousarray(params.scale, np.float64)
+        self._precision = np.ascontiguousarray(params.precision, np.float64)
+        self._d_ref, self._m_ref = float(params.d_ref), float(params.m_ref)
 
     @classmethod
     def from_manifest(cls, manifest: Any) -> InputGate | None:
@@ -186,9 +192,14 @@ class InputGate:
         return cls(load_params(path), float(table["threshold"]), path)
 
     def score(self, pixels: np.ndarray) -> tuple[float, float]:
-        """(score, gray std of the working image)."""
+        """(score, gray std of the working image): ``scores`` of one frame, without its batch overhead."""
         feats, std = describe(pixels)
-        return float(scores(self.params, feats)[0]), std
+        z = np.subtract(feats, self._mean, out=feats)  # the descriptor is this call's own: reused in place
+        z /= self._scale
+        d2 = float(z @ (self._precision @ z))
+        d = math.sqrt(max(d2, 0.0) / z.shape[0]) / self._d_ref
+        m = float(np.abs(z, out=z).max()) / self._m_ref
+        return max(d, m), std  # d first: NaN stays NaN, as np.maximum keeps it
 
     def check(self, pixels: np.ndarray) -> GateVerdict:
         s, std = self.score(pixels)

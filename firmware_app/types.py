@@ -110,22 +110,42 @@ class Result:
         centroid: Any = _UNSET,
         area_fraction: Any = _UNSET,
     ) -> None:
-        shapes = _legacy_shapes(tuple(shapes), mask, contours, heatmap, boxes, centroid, area_fraction)
-        for name, value in (
-            ("frame_id", frame_id),
-            ("task", task),
-            ("label", label),
-            ("confidence", confidence),
-            ("alert", alert),
-            ("probabilities", {} if probabilities is None else probabilities),
-            ("shapes", shapes),
-            ("state", state),
-            ("gate", gate),
-            ("size", size),
-            ("measurements", {} if measurements is None else measurements),
-            ("paused", paused),
+        if not (
+            mask is _UNSET
+            and contours is _UNSET
+            and heatmap is _UNSET
+            and boxes is _UNSET
+            and centroid is _UNSET
+            and area_fraction is _UNSET
         ):
-            object.__setattr__(self, name, value)
+            shapes = _legacy_shapes(tuple(shapes), mask, contours, heatmap, boxes, centroid, area_fraction)
+        # frozen: the fields go in the instance's dict directly (what object.__setattr__ would do, per field)
+        self.__dict__.update(
+            frame_id=frame_id,
+            task=task,
+            label=label,
+            confidence=confidence,
+            alert=alert,
+            probabilities={} if probabilities is None else probabilities,
+            shapes=tuple(shapes),
+            state=state,
+            gate=gate,
+            size=size,
+            measurements={} if measurements is None else measurements,
+            paused=paused,
+        )
+
+    def evolve(self, **changes: Any) -> Result:
+        """A copy with ``changes`` to its fields: ``dataclasses.replace`` for the fields alone (not the
+        legacy ``mask=`` ... keywords), without running the constructor again (the finding stage makes one
+        or two of these per frame)."""
+        if not changes.keys() <= _FIELDS:
+            raise TypeError(f"Result has no field(s) {sorted(changes.keys() - _FIELDS)}")
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__, **changes)
+        if "shapes" in changes:
+            new.__dict__["shapes"] = tuple(changes["shapes"])
+        return new
 
     @property
     def is_finding(self) -> bool:
@@ -213,3 +233,4 @@ def _legacy_shapes(
 
 
 _ORDER = (Heatmap, Mask, Polygon, BoxShape, Point)  # the order the old fields were drawn in
+_FIELDS = frozenset(f for f in Result.__dataclass_fields__)

@@ -131,6 +131,35 @@ def test_detection_boxes_below_the_minimum_size_are_dropped():
     assert tiny.state == "no_finding" and tiny.boxes == ()
 
 
+def test_the_extent_of_the_largest_part_of_integer_and_float_outlines():
+    """Width and height are the largest part's extent, both ends counted, whatever the outline's type."""
+    stage = FindingStage(manifest(persistence=[1, 1], release=1))
+    scaled = {"mm_per_px": [0.5, 0.25], "Modality": "US"}
+    small = np.array([[60, 60], [64, 60], [64, 62]], np.int32)
+    large = np.array([[0, 0], [49, 0], [49, 19], [0, 19]], np.int32)
+    for contours in ((small, large), (small.astype(np.float32), large.astype(np.float64)), (large[::-1],)):
+        r = stage(seg(0, area=0.2).evolve(shapes=()), frame(0))  # no shapes: no extent
+        assert "width" not in r.measurements
+        result = Result(0, "segmentation", "fluid", 0.9, alert=True, mask=np.ones((4, 4), np.uint8),
+                        contours=contours, centroid=(1.0, 2.0), area_fraction=0.2)  # fmt: skip
+        m = stage(result, frame(0, scaled)).measurements
+        assert m["width"] == (50 * 0.5, "mm") and m["height"] == (20 * 0.25, "mm")
+
+
+def test_evolve_is_replace_for_the_fields():
+    from dataclasses import fields, replace
+
+    r = seg(3)
+    changes = {"state": "finding", "label": None, "shapes": [], "measurements": {"area": (1.0, "mm2")}}
+    a, b = r.evolve(**changes), replace(r, **changes)
+    assert type(a) is Result and a is not r
+    for f in fields(Result):
+        assert getattr(a, f.name) == getattr(b, f.name), f.name
+    assert a.shapes == () and r.state == "" and len(r.shapes) == 2  # the original is unchanged
+    with pytest.raises(TypeError, match="mask"):
+        r.evolve(mask=None)  # the legacy keywords are the constructor's
+
+
 def test_bad_finding_tables_are_refused_with_the_key():
     from firmware_app.errors import BadModel
 

@@ -249,3 +249,89 @@ def test_upscaled_dice_is_the_dice_of_the_full_size_mask(frame, mask):
     assert upscaled_dice(small * 255, truth * 2) == dice(r.mask_at(fw, fh), truth)  # any non-zero is "in"
     assert upscaled_dice(np.zeros_like(small), truth) == 0.0
     assert upscaled_dice(np.zeros_like(small), np.zeros_like(truth)) == 1.0
+
+
+def _masks(rng, h, w):
+    """Masks of every shape the region code meets: empty, full, one pixel in a corner, blobs touching the
+    edges, holes, salt noise (many regions), a thin line."""
+    yield np.zeros((h, w), np.uint8)
+    yield np.ones((h, w), np.uint8)
+    for y, x in ((0, 0), (h - 1, w - 1), (0, w - 1), (h // 2, w // 2)):
+        m = np.zeros((h, w), np.uint8)
+        m[y, x] = 1
+        yield m
+    for _ in range(12):
+        m = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(1, 6))):
+            centre = (int(rng.integers(-5, w + 5)), int(rng.integers(-5, h + 5)))
+            cv2.circle(m, centre, int(rng.integers(1, max(2, w // 3))), 1, -1)
+        cv2.circle(m, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(1, 6)), 0, -1)
+        yield m
+    for density in (0.02, 0.3):
+        yield (rng.random((h, w)) < density).astype(np.uint8)
+    m = np.zeros((h, w), np.uint8)
+    m[:, w // 3] = 1
+    yield m
+
+
+def _reference_region(post, prob, mask, frame_size, rules):
+    """The whole-map computation the box-limited one replaces: moments, contours, features of the map."""
+    from firmware_app.tasks.calibrate import sigmoid
+    from firmware_app.tasks.segment import finding_features
+
+    mom = cv2.moments(mask, binaryImage=True)
+    top = float(prob.max())
+    z = rules.intercept + float(np.dot(rules.coef, finding_features(prob, mask)))
+    confidence = min(max(float(sigmoid(np.float64(z))), rules.confidence_range[0]), rules.confidence_range[1])
+    if mom["m00"] == 0:
+        return confidence, top, None, ()
+    fw, fh = frame_size
+    mh, mw = mask.shape
+    sx, sy = fw / mw, fh / mh
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    scale, offset = np.array([sx, sy], np.float32), np.array([sx / 2, sy / 2], np.float32)
+    outlines = [(c.reshape(-1, 2).astype(np.float32) * scale + offset).astype(np.int32) for c in contours]
+    centroid = ((mom["m10"] / mom["m00"] + 0.5) * sx, (mom["m01"] / mom["m00"] + 0.5) * sy)
+    return confidence, top, centroid, outlines
+
+
+@pytest.mark.parametrize("size, frame", [((16, 16), (64, 48)), ((40, 24), (641, 479))])
+def test_segmentation_region_read_in_its_bounding_box_equals_the_whole_map(size, frame):
+    """Moments, contours, the map's maximum and the mean inside the mask are read in the mask's bounding
+    box: the same figures as over the whole map (the confidence to 1e-9, the rest exactly)."""
+    w, h = size
+    d = copy.deepcopy(SEG)
+    d["input"].update(width=w, height=h)
+    d["output"]["activation"] = "none"
+    d["finding"] = {
+        "features": ["max_logit", "log_area", "mean_logit"],
+        "coef": [0.31, 1.87, 1.97],
+        "intercept": 6.1,
+        "confidence_range": [0.02, 0.99],
+    }
+    m = parse_manifest(d, "t")
+    rng = np.random.default_rng(w)
+    for post, quantized in (
+        (make_postprocessor(m, [int8_spec((1, h, w, 2), scale=1 / 256, zp=-128)]), True),
+        (make_postprocessor(m, [TensorSpec(0, "p", (1, h, w, 1), np.dtype(np.float32), 0.0, 0)]), False),
+    ):
+        assert (post._table is not None) == quantized
+        for mask in _masks(rng, h, w):
+            p = np.where(mask > 0, rng.uniform(0.51, 1.0, (h, w)), rng.uniform(0.0, 0.5, (h, w)))
+            if quantized:
+                q1 = np.clip(np.round(p * 256) - 128, -128, 127)
+                raw = np.stack([np.clip(127 - q1, -128, 127), q1], -1)[None].astype(np.int8)
+                prob = post._table[post._index(raw[0])]
+            else:
+                raw = p[None, ..., None].astype(np.float32)
+                prob = post.probability_maps(raw)[..., 0]
+            mask = (prob > 0.5).view(np.uint8)
+            r = post([raw], 0, frame, 0.5)
+            confidence, top, centroid, outlines = _reference_region(post, prob, mask, frame, m.finding)
+            assert np.array_equal(r.mask, mask)
+            assert abs(r.confidence - confidence) <= 1e-9
+            assert r.probabilities == {"fluid": top}
+            assert r.centroid == centroid
+            assert len(r.contours) == len(outlines)
+            for got, want in zip(r.contours, outlines):
+                assert got.dtype == np.int32 and np.array_equal(got, want)

@@ -21,8 +21,9 @@ depth of its centre from the transducer face (``depth_origin_y``).
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cv2
@@ -91,9 +92,9 @@ class FindingStage:
     def __call__(self, result: Result, frame: Frame, verdict: Verdict | None = None) -> Result:
         """The task's ``result`` of ``frame`` -> the result as shown, sent and recorded."""
         gate = None
-        if verdict is not None and np.isfinite(verdict.score):
+        if verdict is not None and math.isfinite(verdict.score):
             gate = (float(verdict.score), float(verdict.threshold))
-        single = self._single(frame)
+        single = not self.live and bool(frame.meta.get("single_image"))
         if verdict is not None and verdict.flagged:
             self._remember(False, single)
             return _bare(
@@ -101,17 +102,14 @@ class FindingStage:
             )
         result, size = self._sized(result, frame)
         candidate = bool(result.alert) and result.label is not None
-        on = self._remember(candidate, single)
-        if not on:
-            bare = _bare(result, "no_finding", gate)
-            return replace(bare, confidence=result.confidence)
-        measurements = {**result.measurements, **_measurements(result, frame)}  # a task's own, then ours
-        return replace(result, state="finding", alert=True, gate=gate, size=size, measurements=measurements)
+        if not self._remember(candidate, single):
+            return _bare(result, "no_finding", gate, confidence=result.confidence)
+        measurements = _measurements(result, frame)
+        if result.measurements:  # a task's own, then ours
+            measurements = {**result.measurements, **measurements}
+        return result.evolve(state="finding", alert=True, gate=gate, size=size, measurements=measurements)
 
     # -- persistence --
-    def _single(self, frame: Frame) -> bool:
-        return not self.live and bool(frame.meta.get("single_image"))
-
     def _remember(self, candidate: bool, single: bool) -> bool:
         if single:
             self._history.clear()
@@ -133,17 +131,17 @@ class FindingStage:
             mm2 = frac * area_px * mm[0] * mm[1] if mm else None
             size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
             if not self._big_enough(frac, mm2):
-                return replace(result, alert=False, label=None), size
+                return result.evolve(alert=False, label=None), size
             return result, size
         if result.boxes:  # boxes: the ones big enough, the top one's size
             kept = tuple(b for b in result.boxes if self._big_enough(*_box_size(b, area_px, mm)))
             if not kept:
-                return replace(result, alert=False, label=None, shapes=_with_boxes(result, ())), None
+                return result.evolve(alert=False, label=None, shapes=_with_boxes(result, ())), None
             top = kept[0]
             frac, mm2 = _box_size(top, area_px, mm)
             size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
-            return replace(
-                result, shapes=_with_boxes(result, kept), label=top.label, confidence=top.score
+            return result.evolve(
+                shapes=_with_boxes(result, kept), label=top.label, confidence=top.score
             ), size
         return result, None
 
@@ -171,10 +169,12 @@ def _measurements(result: Result, frame: Frame) -> dict[str, tuple[float, str]]:
     meas: dict[str, tuple[float, str]] = {}
     if result.area_fraction:
         meas["area"] = (float(result.area_fraction) * frame.width * frame.height * mm[0] * mm[1], "mm2")
-        if result.contours:
-            pts = max(result.contours, key=_contour_area).reshape(-1, 2)
-            meas["width"] = (float(np.ptp(pts[:, 0]) + 1) * mm[0], "mm")
-            meas["height"] = (float(np.ptp(pts[:, 1]) + 1) * mm[1], "mm")
+        contours = result.contours
+        if contours:
+            largest = contours[0] if len(contours) == 1 else max(contours, key=_contour_area)
+            w, h = _extent(largest)
+            meas["width"] = (w * mm[0], "mm")
+            meas["height"] = (h * mm[1], "mm")
         centre_y = result.centroid[1] if result.centroid is not None else None
     elif result.boxes:
         top = result.boxes[0]
@@ -189,7 +189,17 @@ def _measurements(result: Result, frame: Frame) -> dict[str, tuple[float, str]]:
 
 
 def _contour_area(c: np.ndarray) -> float:
-    return float(cv2.contourArea(c.reshape(-1, 1, 2).astype(np.int32)))
+    pts = c if c.dtype == np.int32 else c.astype(np.int32)
+    return float(cv2.contourArea(pts.reshape(-1, 1, 2)))
+
+
+def _extent(c: np.ndarray) -> tuple[float, float]:
+    """(width, height) in pixels of a contour's points, both ends counted (max - min + 1)."""
+    pts = c.reshape(-1, 2)
+    if pts.dtype == np.int32 and len(pts):  # the bounding rectangle of integer points is exactly that
+        _, _, w, h = cv2.boundingRect(np.ascontiguousarray(pts))
+        return float(w), float(h)
+    return float(np.ptp(pts[:, 0]) + 1), float(np.ptp(pts[:, 1]) + 1)
 
 
 def _box_size(b: Box, area_px: float, mm: tuple[float, float] | None) -> tuple[float, float | None]:
@@ -203,13 +213,18 @@ def _with_boxes(result: Result, boxes: tuple[Box, ...]) -> tuple:
     return tuple(s for s in result.shapes if not isinstance(s, Box)) + boxes
 
 
-def _bare(result: Result, state: str, gate: tuple[float, float] | None, paused: str | None = None) -> Result:
-    """``result`` without a finding: no label, no shapes, no alert."""
-    return replace(
-        result,
+def _bare(
+    result: Result,
+    state: str,
+    gate: tuple[float, float] | None,
+    paused: str | None = None,
+    confidence: float | None = None,
+) -> Result:
+    """``result`` without a finding: no label, no shapes, no alert (a confidence only when given)."""
+    return result.evolve(
         state=state,
         label=None,
-        confidence=None,
+        confidence=confidence,
         alert=False,
         shapes=(),
         gate=gate,

@@ -16,6 +16,8 @@ reports the highest pixel probability (uncalibrated). The threshold in force app
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -24,7 +26,7 @@ from firmware_app.errors import BadModel
 from firmware_app.models.manifest import FindingRules, Manifest
 from firmware_app.shapes import Mask, Polygon
 from firmware_app.tasks import Task, register
-from firmware_app.tasks.calibrate import logit, probabilities, quantized_table, sigmoid
+from firmware_app.tasks.calibrate import _EPS, logit, probabilities, quantized_table
 from firmware_app.types import Result
 
 AREA_EPS = 1e-4  # the area fraction's floor in log_area (an empty mask)
@@ -44,14 +46,23 @@ def finding_features(
     )
 
 
-def finding_confidence(rules: FindingRules, prob: np.ndarray, mask: np.ndarray, top: float, n: int) -> float:
-    """The calibrated probability that the finding is present (or the top pixel's without a fit)."""
+def _logit(p: float) -> float:
+    """``calibrate.logit`` of one number, in scalar arithmetic (the same IEEE operations)."""
+    p = min(max(p, _EPS), 1.0 - _EPS)
+    return math.log(p) - math.log1p(-p)
+
+
+def finding_confidence(rules: FindingRules, top: float, mean_in: float, area: float) -> float:
+    """The calibrated probability that the finding is present (or the top pixel's without a fit), from the
+    map's maximum, the mean probability inside the mask (the maximum for an empty one) and the mask's area
+    fraction: ``finding_features`` and its dot product in scalar arithmetic (a frame's three numbers cost
+    less as floats than as arrays; tests/test_tasks.py holds the two equal)."""
     if rules.coef is None:
         return top
-    features = finding_features(prob, mask, top, n)
-    z = rules.intercept + float(np.dot(rules.coef, features))
+    c0, c1, c2 = rules.coef
+    z = rules.intercept + (c0 * _logit(top) + c1 * math.log(area + AREA_EPS) + c2 * _logit(mean_in))
     lo, hi = rules.confidence_range
-    return min(max(float(sigmoid(np.float64(z))), lo), hi)
+    return min(max(1.0 / (1.0 + math.exp(-min(max(z, -60.0), 60.0))), lo), hi)
 
 
 @register("segmentation")
@@ -81,6 +92,9 @@ class Segmenter(Task):
         # int8/uint8 with one finding label: one table lookup per pixel (see calibrate.quantized_table)
         fast = quantized_table(spec, channels, manifest.activation, manifest.calibration)
         self._table, self._index = fast if fast is not None else (None, None)
+        self._finite = self._table is not None and bool(np.isfinite(self._table).all())
+        self._frame_size: tuple[int, int] | None = None  # the frame size _scale and _offset are for
+        self._scale = self._offset = np.ones(2, np.float32)
 
     def probability_maps(self, raw: np.ndarray) -> np.ndarray:
         """-> float32 [H, W, K]: calibrated probability of each non-background label (K = 1 for 1 or 2 labels)."""
@@ -97,10 +111,9 @@ class Segmenter(Task):
     ) -> Result:
         cut = self.m.finding.pixel_threshold
         if self._table is not None:
-            prob = self._table[self._index(raw_outputs[0][0])]
+            prob = np.take(self._table, self._index(raw_outputs[0][0]))
             small = (prob > cut).view(np.uint8)
-            k, top = 0, float(prob.max())
-            max_per_label = {self.m.labels[1]: top}
+            k, top = 0, None  # the map's maximum: read inside the mask when it has one (see _region)
         else:
             probs = self.probability_maps(raw_outputs[0])
             masks = probs > cut  # a tie (p = 0.5 with threshold 0.5) is background, as argmax
@@ -108,39 +121,81 @@ class Segmenter(Task):
             small = np.ascontiguousarray(masks[..., k]).view(np.uint8)
             max_per_label = {self.m.labels[i + 1]: float(probs[..., i].max()) for i in range(probs.shape[-1])}
             prob, top = probs[..., k], max_per_label[self.m.labels[k + 1]]
-        mom = cv2.moments(small, binaryImage=True)
-        confidence = finding_confidence(self.m.finding, prob, small, top, int(mom["m00"]))
-        label = self.m.labels[k + 1]
-        fw, fh = frame_size
-        mh, mw = self.out_hw
-        if mom["m00"] == 0:
+        n = cv2.countNonZero(small)
+        if n == 0:
+            if top is None:
+                top = float(prob.max())
+            confidence = finding_confidence(self.m.finding, top, top, 0.0)
             return Result(
                 frame_id=frame_id,
                 task="segmentation",
                 label=None,
                 confidence=confidence,
                 alert=False,
-                probabilities=max_per_label,
+                probabilities={self.m.labels[1]: top} if self._table is not None else max_per_label,
                 shapes=(Mask(small, None, 0.0),),
             )
+        # everything else is read inside the mask's bounding box: the same pixels, in the same order
+        x, y, w, h = cv2.boundingRect(small)
+        box = prob[y : y + h, x : x + w]
+        inside = box[small[y : y + h, x : x + w].view(bool)]  # = prob[mask], element for element
+        if top is None:
+            # every pixel outside the mask is <= cut < every pixel inside (the table is finite): the map's
+            # maximum is the mask's
+            top = float(inside.max()) if self._finite else float(prob.max())
+        total = np.add.reduce(inside)
+        mean_in = float(total.dtype.type(total / n))  # = ndarray.mean() (float32 sum, then / n)
+        confidence = finding_confidence(self.m.finding, top, mean_in, n / small.size)
+        max_per_label = {self.m.labels[1]: top} if self._table is not None else max_per_label
+        # moments of the box, moved to the frame's origin: integer sums, exact in float64
+        mom = cv2.moments(small[y : y + h, x : x + w], binaryImage=True)
+        m10, m01 = mom["m10"] + x * n, mom["m01"] + y * n
+        fw, fh = frame_size
+        mh, mw = self.out_hw
         sx, sy = fw / mw, fh / mh
-        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        scale = np.array([sx, sy], np.float32)
-        offset = np.array([sx / 2, sy / 2], np.float32)  # pixel centres
-        outlines = tuple(
-            Polygon((c.reshape(-1, 2).astype(np.float32) * scale + offset).astype(np.int32)) for c in contours
-        )
-        centroid = ((mom["m10"] / mom["m00"] + 0.5) * sx, (mom["m01"] / mom["m00"] + 0.5) * sy)
+        centroid = ((m10 / n + 0.5) * sx, (m01 / n + 0.5) * sy)
         candidate = confidence >= threshold
         return Result(
             frame_id=frame_id,
             task="segmentation",
-            label=label if candidate else None,
+            label=self.m.labels[k + 1] if candidate else None,
             confidence=confidence,
             alert=candidate,  # the finding rules (size, persistence) decide whether it alerts
             probabilities=max_per_label,
             shapes=(
-                Mask(small, (float(centroid[0]), float(centroid[1])), float(mom["m00"]) / small.size),
-                *outlines,
+                Mask(small, (float(centroid[0]), float(centroid[1])), n / small.size),
+                *self._outlines(small, (x, y, w, h), frame_size),
             ),
         )
+
+    def _outlines(
+        self, small: np.ndarray, rect: tuple[int, int, int, int], frame_size: tuple[int, int]
+    ) -> tuple[Polygon, ...]:
+        """The mask's outer contours in frame pixels (pixel centres). Traced in its bounding box grown by
+        one pixel (the zero ring around it that the whole map has, or the map's edge), moved back by
+        ``offset``: the contours of the whole map, point for point and in its order."""
+        x, y, w, h = rect
+        mh, mw = self.out_hw
+        x0, y0 = max(x - 1, 0), max(y - 1, 0)
+        ring = small[y0 : min(y + h + 1, mh), x0 : min(x + w + 1, mw)]
+        contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
+        if self._frame_size != frame_size:
+            fw, fh = frame_size
+            sx, sy = fw / mw, fh / mh
+            self._frame_size = frame_size
+            self._scale = np.array([sx, sy], np.float32)
+            self._offset = np.array([sx / 2, sy / 2], np.float32)
+        # every contour's points in one array, scaled in one pass (the same float32 operations)
+        pts = (contours[0] if len(contours) == 1 else np.concatenate(contours)).reshape(-1, 2)
+        xy = pts.astype(np.float32)
+        xy *= self._scale
+        xy += self._offset
+        out = xy.astype(np.int32)
+        if len(contours) == 1:
+            return (Polygon(out),)
+        polygons, start = [], 0
+        for c in contours:
+            end = start + len(c)
+            polygons.append(Polygon(out[start:end]))
+            start = end
+        return tuple(polygons)

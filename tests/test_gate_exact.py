@@ -21,6 +21,7 @@ from gate_inputs import made_frames, real_frames
 
 from firmware_app.gate import descriptor
 from firmware_app.gate.descriptor import N_FEATURES, describe_working, working_image
+from firmware_app.gate.frozen import thumbnail
 from firmware_app.gate.model import InputGate, load_params, scores
 from firmware_app.sources.lung_phantom import LungPhantom
 from firmware_app.sources.phantom import UltrasoundPhantom, XrayPhantom
@@ -215,3 +216,37 @@ def test_per_frame_score_is_the_batch_score(model_id, inputs):
         want = float(scores(params, feats)[0])
         assert got == pytest.approx(want, rel=1e-12, abs=1e-300), name
         assert std == pytest.approx(want_std, rel=1e-12, abs=1e-12), name
+
+
+# ---------------------------------------------------------------- the frozen-picture thumbnail
+def _ref_thumbnail(pixels: np.ndarray) -> np.ndarray:
+    px = np.asarray(pixels)
+    if px.ndim == 3 and px.shape[2] >= 3:
+        h, w = px.shape[:2]
+        k = max(1, min(w // (8 * 32), h // (8 * 24)))
+        px = cv2.cvtColor(np.ascontiguousarray(px[::k, ::k, :3]), cv2.COLOR_BGR2GRAY)
+    elif px.ndim == 3:
+        px = px[:, :, 0]
+    if px.dtype != np.uint8:
+        px = np.clip(px, 0, 255).astype(np.uint8)
+    h, w = px.shape[:2]
+    k = max(1, min(w // (8 * 32), h // (8 * 24)))
+    px = np.ascontiguousarray(px[::k, ::k])
+    interp = cv2.INTER_AREA if px.shape[1] >= 32 and px.shape[0] >= 24 else cv2.INTER_LINEAR
+    return cv2.resize(px, (32, 24), interpolation=interp).astype(np.float32)
+
+
+THUMB_SIZES = ((480, 640), (768, 1024), (1080, 1920), (600, 800), (481, 641), (479, 639), (24, 32), (1, 1))
+
+
+def test_thumbnail_is_that_of_the_first_implementation(inputs):
+    rng = np.random.default_rng(8)
+    cases = list(inputs.values())
+    for h, w in THUMB_SIZES + ((100, 3000), (2160, 3840)):
+        for shape in ((h, w), (h, w, 1), (h, w, 3), (h, w, 4)):
+            cases.append(rng.integers(0, 256, shape, dtype=np.uint8))
+        cases.append(rng.integers(0, 400, (h, w, 3)).astype(np.float32))
+    bgr = rng.integers(0, 256, (960, 1280, 3), dtype=np.uint8)
+    cases += [bgr[::2, ::2], bgr[1:481, 3:643], bgr[:, :, ::-1], bgr[:480, :640].transpose(1, 0, 2)]
+    for px in cases:
+        np.testing.assert_array_equal(thumbnail(px), _ref_thumbnail(px), err_msg=f"{px.shape} {px.strides}")

@@ -103,9 +103,10 @@ def _area_weights(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
 
 # The 4x4 layout of the half-resolution gradient is cv2.resize(float32 grad, (4, 4), INTER_AREA), which
 # is a latency-bound scalar loop in OpenCV (~65 us); here the very same float32 products and sums, in the
-# same order, vectorised over rows (the result is bit-identical: tests/test_gate_exact.py). OpenCV sums
-# per source row ``buf[d] += S[s] * w`` over the terms of each output column, then per output row
-# ``sum += w * buf`` over the source rows; a padded term adds +0.0, which changes no sum.
+# same order, vectorised over rows (bit-identical to x86-64 OpenCV, where the bundled gates were fitted:
+# tests/test_gate_exact.py). OpenCV sums per source row ``buf[d] += S[s] * w`` over the terms of each
+# output column, then per output row ``sum += w * buf`` over the source rows; a padded term adds +0.0,
+# which changes no sum. numpy multiplies and adds separately, never fused, on every machine.
 _GW, _GH = _HALF_W - 1, _HALF_H - 1  # the gradient image of the half-resolution level
 _X_INDEX, _X_WEIGHT = _area_weights(_GW, _GRID)
 _Y_INDEX, _Y_WEIGHT = _area_weights(_GH, _GRID)

@@ -335,3 +335,113 @@ def test_segmentation_region_read_in_its_bounding_box_equals_the_whole_map(size,
             assert len(r.contours) == len(outlines)
             for got, want in zip(r.contours, outlines):
                 assert got.dtype == np.int32 and np.array_equal(got, want)
+
+
+def _reference_boxes(post, boxes, scores, cls, threshold, fw, fh):
+    """Box by box, as the detector once did: what its vectorised arithmetic must equal exactly."""
+    keep = np.nonzero(scores >= threshold)[0]
+    if post.m.layout == "boxes_scores" and keep.size:
+        xywh = [
+            [
+                float(boxes[i, 1] * fw),
+                float(boxes[i, 0] * fh),
+                float((boxes[i, 3] - boxes[i, 1]) * fw),
+                float((boxes[i, 2] - boxes[i, 0]) * fh),
+            ]
+            for i in keep
+        ]
+        picked = cv2.dnn.NMSBoxes(xywh, [float(scores[i]) for i in keep], float(threshold), 0.5)
+        keep = keep[np.asarray(picked, dtype=np.int64).reshape(-1)]
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    labels, out = post.m.labels, []
+    for i in keep:
+        y0, x0, y1, x1 = np.clip(boxes[i], 0.0, 1.0)
+        c = int(cls[i])
+        label = labels[c] if 0 <= c < len(labels) else f"class {c}"
+        out.append((float(x0 * fw), float(y0 * fh), float(x1 * fw), float(y1 * fh), float(scores[i]), label))
+    return out, float(scores.max()) if scores.size else 0.0
+
+
+@pytest.mark.parametrize(
+    "layout, quantized", [("boxes_scores", True), ("boxes_scores", False), ("ssd", False)]
+)
+def test_detection_boxes_are_the_box_by_box_arithmetic_exactly(layout, quantized):
+    n, rng = 400, np.random.default_rng(11)
+    d = copy.deepcopy(SEG)
+    d.update(task="detection")
+    labels = ["background", "nodule"] if layout == "boxes_scores" else ["background", "nodule", "mass"]
+    d["output"] = {"labels": labels, "activation": "sigmoid", "layout": "ssd_postprocess"}
+    if layout == "boxes_scores":
+        d["output"]["layout"] = "boxes_scores"
+        if quantized:
+            specs = [int8_spec((1, n, 4), 1 / 255, -128, 0), int8_spec((1, n, 2), 0.05, -1, 1)]
+        else:
+            specs = [
+                TensorSpec(i, "o", s, np.dtype(np.float32), 0.0, 0)
+                for i, s in ((0, (1, n, 4)), (1, (1, n, 2)))
+            ]
+    else:
+        shapes = ((1, n, 4), (1, n), (1, n), (1,))
+        specs = [TensorSpec(i, "o", s, np.dtype(np.float32), 0.0, 0) for i, s in enumerate(shapes)]
+    post = make_postprocessor(parse_manifest(d, "t"), specs)
+    assert (post._fast is not None) == quantized
+    for k, threshold in enumerate((0.25, 0.6, 0.97, 1.5)):
+        if quantized:
+            raw = [
+                rng.integers(-128, 128, (1, n, 4)).astype(np.int8),
+                rng.integers(-128, 128, (1, n, 2)).astype(np.int8),
+            ]
+            table, index = post._fast
+            boxes, scores, cls = specs[0].dequantize(raw[0])[0], table[index(raw[1][0])], np.ones(n, np.int64)
+        else:
+            boxes = rng.uniform(-0.2, 1.2, (1, n, 4)).astype(np.float32)
+            boxes[0, : n // 4] = boxes[0, 0]  # ties in place and score
+            if layout == "boxes_scores":
+                raw = [boxes, rng.normal(0, 3, (1, n, 2)).astype(np.float32)]
+            else:
+                classes = rng.integers(0, 5, (1, n)).astype(np.float32)  # 3 and 4: no label
+                scores = rng.uniform(0, 1, (1, n)).astype(np.float32)
+                scores[0, : n // 8] = 0.7
+                raw = [boxes, classes, scores, np.array([n - 7 * k], np.float32)]
+            boxes, scores, cls = post.raw_boxes(raw)
+        want, top = _reference_boxes(post, boxes, scores, cls, threshold, 641, 479)
+        r = post(raw, 0, (641, 479), threshold)
+        assert [(b.x0, b.y0, b.x1, b.y1, b.score, b.label) for b in r.boxes] == want
+        assert r.confidence == (want[0][4] if want else top) and r.alert == bool(want)
+        assert r.label == (want[0][5] if want else None)
+
+
+@pytest.mark.parametrize("dtype, zp", [(np.int8, 3), (np.uint8, 128)])
+def test_classification_of_one_score_byte_is_the_per_frame_arithmetic(dtype, zp):
+    """One quantized score: each of its 256 values decided once at load, as a frame would be."""
+    from firmware_app.tasks.calibrate import probabilities
+
+    d = copy.deepcopy(SEG)
+    d.update(task="classification")
+    d["output"] = {"labels": ["absent", "b-lines"], "activation": "sigmoid", "heatmap_output": 1}
+    d["calibration"] = {"method": "platt", "a": 1.9, "b": 0.98}
+    m = parse_manifest(d, "t")
+    spec = TensorSpec(0, "s", (1, 1), np.dtype(dtype), 0.07, zp)
+    heat = int8_spec((1, 3, 4, 1), scale=0.1, index=1)
+    post = make_postprocessor(m, [spec, heat])
+    assert post._by_byte is not None
+    hm = np.arange(12, dtype=np.int8).reshape(1, 3, 4, 1)
+    seen = []
+    for byte in range(256):
+        raw = np.array([[byte]], np.uint8).view(dtype)
+        p1 = float(probabilities(spec.dequantize(raw).reshape(-1), "sigmoid", m.calibration)[0])
+        probs = np.array([1.0 - p1, p1], np.float32)
+        for threshold in (0.2, 0.5, 0.9):
+            r = post([raw, hm], byte, (64, 48), threshold)
+            alert = float(probs[1]) >= threshold
+            top = int(np.argmax(probs))
+            assert r.alert == alert and r.probabilities == {
+                "absent": float(probs[0]),
+                "b-lines": float(probs[1]),
+            }
+            assert r.label == ("b-lines" if alert else m.labels[top])
+            assert r.confidence == (float(probs[1]) if alert else float(probs[top]))
+            assert (r.heatmap is not None) == alert
+            seen.append(r.probabilities)
+    seen[0]["absent"] = -1.0  # each result has its own mapping
+    assert all(s["absent"] != -1.0 for s in seen[1:])

@@ -44,11 +44,19 @@ class Classifier(Task):
             raise BadModel("a single-value classification output needs exactly 2 labels [negative, finding]")
         self.single = n == 1
         self.hm_spec = outputs[hm] if hm is not None else None
+        # one quantized score: every byte's decision computed once, by the code a frame would run
+        self._by_byte: list[tuple] | None = None
+        if self.single and self.spec.quantized and np.dtype(self.spec.dtype).itemsize == 1:
+            self._by_byte = []
+            for byte in np.arange(256, dtype=np.uint8):
+                raw = np.full(self.spec.shape, byte, np.uint8).view(self.spec.dtype)
+                labels, probs, k, top = self._decide(raw)
+                by_label = dict(zip(labels, probs.tolist()))
+                self._by_byte.append((labels, by_label, k, float(probs[k]), top, float(probs[top])))
 
-    def __call__(
-        self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
-    ) -> Result:
-        x = self.spec.dequantize(raw_outputs[self.score_index]).reshape(-1)
+    def _decide(self, raw: np.ndarray) -> tuple[tuple[str, ...], np.ndarray, int, int]:
+        """The score output -> (labels, probabilities, index of the finding, index of the top label)."""
+        x = self.spec.dequantize(raw).reshape(-1)
         if self.single:
             act = "sigmoid" if self.m.activation == "softmax" else self.m.activation
             p1 = float(probabilities(x, act, self.m.calibration)[0])
@@ -56,13 +64,20 @@ class Classifier(Task):
         else:
             probs = probabilities(x, self.m.activation, self.m.calibration)
         labels = self.m.labels
-        if len(labels) >= 2:
-            k = 1 + int(np.argmax(probs[1:]))
+        k = 1 + int(np.argmax(probs[1:])) if len(labels) >= 2 else 0
+        return labels, probs, k, int(np.argmax(probs))
+
+    def __call__(
+        self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
+    ) -> Result:
+        raw = raw_outputs[self.score_index]
+        if self._by_byte is not None:  # one int8/uint8 score: its decision is one of 256, made once
+            labels, by_label, k, conf, top, top_p = self._by_byte[raw.item() & 0xFF]
         else:
-            k = 0
-        conf = float(probs[k])
+            labels, probs, k, top = self._decide(raw)
+            by_label = dict(zip(labels, probs.tolist()))
+            conf, top_p = float(probs[k]), float(probs[top])
         alert = conf >= threshold
-        top = int(np.argmax(probs))
         shapes: tuple[Heatmap, ...] = ()
         if (
             self.hm_spec is not None and alert
@@ -77,8 +92,8 @@ class Classifier(Task):
             frame_id=frame_id,
             task="classification",
             label=labels[k] if alert else labels[top],
-            confidence=conf if alert else float(probs[top]),
+            confidence=conf if alert else top_p,
             alert=alert,
-            probabilities={lab: float(p) for lab, p in zip(labels, probs)},
+            probabilities=dict(by_label),  # each result its own
             shapes=shapes,
         )

@@ -22,6 +22,7 @@ from firmware_app.tasks.calibrate import probabilities, quantized_table
 from firmware_app.types import Result
 
 NMS_IOU = 0.5
+_XYXY = [1, 0, 3, 2]  # (ymin, xmin, ymax, xmax) -> (x0, y0, x1, y1)
 
 
 LAYOUTS = ("ssd_postprocess", "boxes_scores")
@@ -70,6 +71,17 @@ class Detector(Task):
         self._fast = None
         if manifest.layout == "boxes_scores" and len(manifest.labels) == 2:
             self._fast = quantized_table(outputs[self.scores_i], 2, manifest.activation, manifest.calibration)
+        # quantized 8-bit boxes: a byte's value from a 256-entry table (the same float32 dequantization)
+        spec = outputs[self.boxes_i]
+        self._box_table = None
+        if spec.quantized and np.dtype(spec.dtype).itemsize == 1:
+            self._box_table = spec.dequantize(np.arange(256, dtype=np.uint8).view(spec.dtype))
+
+    def _box_values(self, raw: np.ndarray) -> np.ndarray:
+        """Raw boxes [n, 4] -> float32 normalised coordinates."""
+        if self._box_table is not None:
+            return np.take(self._box_table, raw.view(np.uint8))
+        return self.specs[self.boxes_i].dequantize(raw)
 
     def _shapes(self) -> str:
         return ", ".join(str(list(o.shape)) for o in self.specs)
@@ -101,46 +113,54 @@ class Detector(Task):
         self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
     ) -> Result:
         fw, fh = frame_size
-        if self._fast is not None:
+        if self._fast is not None:  # only the boxes at or above the threshold are dequantized
             table, index = self._fast
-            scores = table[index(raw_outputs[self.scores_i][0])]
-            keep = np.nonzero(scores >= threshold)[0]
-            boxes = np.zeros((scores.size, 4), np.float32)
-            boxes[keep] = self.specs[self.boxes_i].dequantize(raw_outputs[self.boxes_i][0][keep])
-            cls = np.ones(scores.size, np.int64)
+            scores = np.take(table, index(raw_outputs[self.scores_i][0]))
+            keep = (scores >= threshold).nonzero()[0]
+            cls = None  # every box is labels[1]
         else:
-            boxes, scores, cls = self.raw_boxes(raw_outputs)
-            keep = np.nonzero(scores >= threshold)[0]
-        if self.m.layout == "boxes_scores" and keep.size:
-            xywh = [
-                [
-                    float(boxes[i, 1] * fw),
-                    float(boxes[i, 0] * fh),
-                    float((boxes[i, 3] - boxes[i, 1]) * fw),
-                    float((boxes[i, 2] - boxes[i, 0]) * fh),
-                ]
-                for i in keep
-            ]
-            picked = cv2.dnn.NMSBoxes(xywh, [float(scores[i]) for i in keep], float(threshold), NMS_IOU)
-            keep = keep[np.asarray(picked, dtype=np.int64).reshape(-1)]
-        keep = keep[np.argsort(-scores[keep], kind="stable")]
-        labels = self.m.labels
-        out = []
-        for i in keep:
-            y0, x0, y1, x1 = np.clip(boxes[i], 0.0, 1.0)
-            c = int(cls[i])
-            label = labels[c] if 0 <= c < len(labels) else f"class {c}"
-            out.append(
-                BoxShape(
-                    float(x0 * fw), float(y0 * fh), float(x1 * fw), float(y1 * fh), float(scores[i]), label
-                )
+            all_boxes, scores, all_cls = self.raw_boxes(raw_outputs)
+            keep = (scores >= threshold).nonzero()[0]
+        if not keep.size:
+            return Result(
+                frame_id=frame_id,
+                task="detection",
+                label=None,
+                confidence=float(scores.max()) if scores.size else 0.0,
+                alert=False,
+                shapes=(),
             )
-        top = out[0] if out else None
+        if self._fast is not None:
+            boxes = self._box_values(raw_outputs[self.boxes_i][0][keep])
+        else:
+            boxes, cls = all_boxes[keep], all_cls[keep]
+        kept = scores[keep]
+        # (x0, y0, x1, y1) normalised: the float32 arithmetic of one box, done for all of them at once
+        corners = boxes[:, _XYXY]
+        scale = np.array([fw, fh, fw, fh], np.float32)
+        if self.m.layout == "boxes_scores":
+            xywh = np.concatenate((corners[:, :2], corners[:, 2:] - corners[:, :2]), axis=1) * scale
+            picked = cv2.dnn.NMSBoxes(xywh.tolist(), kept.tolist(), float(threshold), NMS_IOU)
+            keep = np.asarray(picked, dtype=np.int64).reshape(-1)
+        else:
+            keep = np.arange(len(kept))
+        keep = keep[np.argsort(-kept[keep], kind="stable")]  # best first
+        xyxy = (corners[keep].clip(0.0, 1.0) * scale).tolist()
+        labels = self.m.labels
+        if cls is None:
+            names = [labels[1]] * len(keep)
+        else:
+            names = [labels[c] if 0 <= c < len(labels) else f"class {c}" for c in cls[keep].tolist()]
+        out = tuple(
+            BoxShape(x0, y0, x1, y1, score, name)
+            for (x0, y0, x1, y1), score, name in zip(xyxy, kept[keep].tolist(), names)
+        )
+        top = out[0]
         return Result(
             frame_id=frame_id,
             task="detection",
-            label=top.label if top else None,
-            confidence=top.score if top else (float(scores.max()) if scores.size else 0.0),
-            alert=top is not None,
-            shapes=tuple(out),  # the top box first: the result's centroid is its centre
+            label=top.label,
+            confidence=top.score,
+            alert=True,
+            shapes=out,  # the top box first: the result's centroid is its centre
         )

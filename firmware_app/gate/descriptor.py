@@ -138,8 +138,9 @@ def _counts(img: np.ndarray) -> np.ndarray:
     """The 256-level histogram of a uint8 image: exact counts (float32, as cv2.calcHist gives them).
 
     A frame with black around the picture (an ultrasound fan, a letterbox) has runs of zeros mixed with
-    other levels, which makes calcHist's one-table count about twice as slow per pixel; counting only the
-    nonzero pixels (the image is its own mask) and the zeros with countNonZero gives the same counts.
+    other levels in every row, which makes calcHist's one-table count slower per pixel (an ultrasound
+    phantom: 77 against 33 us for noise); counting only the nonzero pixels (the image is its own mask:
+    55 us) and the zeros with countNonZero gives the same counts.
     """
     n = img.size
     zeros = n - cv2.countNonZero(img)

@@ -264,3 +264,29 @@ def test_thumbnail_is_that_of_the_first_implementation(inputs):
     cases += [bgr[::2, ::2], bgr[1:481, 3:643], bgr[:, :, ::-1], bgr[:480, :640].transpose(1, 0, 2)]
     for px in cases:
         np.testing.assert_array_equal(thumbnail(px), _ref_thumbnail(px), err_msg=f"{px.shape} {px.strides}")
+
+
+# frames of grabbers and scanners whose size is no integer multiple of the working size (the general area
+# resize, done as row bands), a few that are (OpenCV's fast path), and sizes the bands do not divide
+GRABBER_SIZES = ((540, 960), (600, 800), (576, 720), (768, 1024), (1080, 1920), (484, 644), (1024, 1280))
+OTHER_SIZES = ((720, 1280), (480, 640), (1200, 1600), (1081, 1919), (1050, 1680), (1920, 2560))
+
+
+def test_working_image_of_every_frame_size_is_that_of_the_first_implementation():
+    rng = np.random.default_rng(9)
+    us = _frame(UltrasoundPhantom(640, 480, seed=3).render(2))
+    sizes = GRABBER_SIZES + OTHER_SIZES
+    sizes += tuple((int(rng.integers(60, 350)) * 4, int(rng.integers(320, 2000))) for _ in range(40))
+    banded = 0
+    for h, w in sizes:
+        banded += descriptor._banded(w, h)
+        frames = [
+            cv2.resize(us, (w, h), interpolation=cv2.INTER_LINEAR),
+            rng.integers(0, 256, (h, w), np.uint8),
+        ]
+        frames.append(np.full((h, w), 255, np.uint8))
+        for px in frames:
+            np.testing.assert_array_equal(working_image(px), _ref_working_image(px), err_msg=f"{w}x{h}")
+    assert all(descriptor._banded(w, h) for h, w in GRABBER_SIZES)
+    assert not any(descriptor._banded(w, h) for h, w in OTHER_SIZES)
+    assert banded >= len(GRABBER_SIZES) + 20

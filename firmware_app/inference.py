@@ -107,6 +107,8 @@ class InferenceStage:
             self._pending = (model, choice, pre, post, stage)
 
     def apply_pending(self) -> None:
+        if self._pending is None:  # the common case: one attribute read, no lock taken
+            return
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is None:
@@ -143,10 +145,11 @@ class InferenceStage:
 
     def infer(self, frame: Frame, prepared: Prepared | None = None) -> Result:
         """preprocess (unless ``prepared`` by the capture thread) -> invoke -> postprocess, each stage timed."""
-        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
+        t0 = time.monotonic_ns()
         if prepared is not None and prepared.preprocess is self.preprocess:
             tensor, t1, pre_ns, pre_cpu = prepared.tensor, t0, prepared.ns, prepared.cpu_ns
         else:
+            c0 = time.thread_time_ns()
             tensor = self.preprocess(frame.pixels)
             t1 = time.monotonic_ns()
             pre_ns, pre_cpu = t1 - t0, time.thread_time_ns() - c0
@@ -161,12 +164,13 @@ class InferenceStage:
         t2, c2 = time.monotonic_ns(), time.thread_time_ns()
         result = self.postprocess(raw, frame.id, (frame.width, frame.height), self.threshold)
         t3, c3 = time.monotonic_ns(), time.thread_time_ns()
-        self.times.add_ns("queue", frame.t_capture_ns, t0)
-        self.times.add_ns("preprocess", 0, pre_ns)
-        self.times.add_ns("invoke", t1, t2)
-        self.times.add_ns("postprocess", t2, t3)
-        self.cpu_times.add_ns("preprocess", 0, pre_cpu)
-        self.cpu_times.add_ns("postprocess", c2, c3)
+        self.times.add_ns_many(
+            ("queue", frame.t_capture_ns, t0),
+            ("preprocess", 0, pre_ns),
+            ("invoke", t1, t2),
+            ("postprocess", t2, t3),
+        )
+        self.cpu_times.add_ns_many(("preprocess", 0, pre_cpu), ("postprocess", c2, c3))
         return result
 
     def decide(self, result: Result, frame: Frame, prepared: Prepared | None = None) -> Result:
@@ -175,15 +179,15 @@ class InferenceStage:
         t0, c0 = time.monotonic_ns(), time.thread_time_ns()
         if prepared is not None and prepared.finding is self.finding:
             verdict, gate_ns, gate_cpu = prepared.verdict, prepared.gate_ns, prepared.gate_cpu_ns
+            t1, c1 = t0, c0
         else:
             verdict = self.finding.check_gate(frame)
-            gate_ns, gate_cpu = time.monotonic_ns() - t0, time.thread_time_ns() - c0
-        t1, c1 = time.monotonic_ns(), time.thread_time_ns()
+            t1, c1 = time.monotonic_ns(), time.thread_time_ns()
+            gate_ns, gate_cpu = t1 - t0, c1 - c0
         out = self.finding(result, frame, verdict)
-        self.times.add_ns("gate", 0, gate_ns)
-        self.cpu_times.add_ns("gate", 0, gate_cpu)
-        self.times.add_ns("finding", t1, time.monotonic_ns())
-        self.cpu_times.add_ns("finding", c1, time.thread_time_ns())
+        t2, c2 = time.monotonic_ns(), time.thread_time_ns()
+        self.times.add_ns_many(("gate", 0, gate_ns), ("finding", t1, t2))
+        self.cpu_times.add_ns_many(("gate", 0, gate_cpu), ("finding", c1, c2))
         return out
 
     # -- accelerator fall-back and retry --

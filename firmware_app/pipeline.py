@@ -68,7 +68,7 @@ class Slot:
     def __init__(self, lossless: bool, depth: int = 1) -> None:
         self.lossless = lossless
         self.depth = max(1, depth) if lossless else 1
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(threading.Lock())  # never taken twice by one thread
         self._items: deque[Any] = deque()
         self._closed = False
         self._producer_waits = False

@@ -28,6 +28,16 @@ class RollingTimes:
     def add_ns(self, stage: str, t0_ns: int, t1_ns: int) -> None:
         self.add(stage, (t1_ns - t0_ns) / 1e6)
 
+    def add_ns_many(self, *spans: tuple[str, int, int]) -> None:
+        """Several ``(stage, t0_ns, t1_ns)`` at once, under one lock: a frame's stages."""
+        with self._lock:
+            data = self._data
+            for stage, t0_ns, t1_ns in spans:
+                d = data.get(stage)
+                if d is None:
+                    d = data[stage] = deque(maxlen=self.window)
+                d.append((t1_ns - t0_ns) / 1e6)
+
     def percentiles(self, stage: str) -> dict[str, float] | None:
         with self._lock:
             d = self._data.get(stage)

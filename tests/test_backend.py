@@ -141,6 +141,31 @@ def test_preprocess_converts_colour_for_a_gray_model_before_resizing(float_model
     np.testing.assert_array_equal(pre(bgr)[0, ..., 0], want)
 
 
+@pytest.mark.parametrize(
+    "dtype, scale, zp, fast",
+    [(np.int8, 1 / 255, -128, True), (np.uint8, 1 / 255, 0, True), (np.int8, 0.0039, -128, False)],
+)
+def test_preprocess_applies_a_byte_for_byte_table_as_xor_or_copy(
+    float_model_dir: Path, dtype, scale, zp, fast
+):
+    """The usual int8 (b - 128 = b ^ 0x80) and uint8 (b) tables are applied as that: the table's bytes."""
+    model = find_model(str(float_model_dir))
+    s = TensorSpec(0, "in", (1, 16, 16, 3), np.dtype(dtype), scale, zp)
+    m = model.manifest.__class__(**{**model.manifest.__dict__, "width": 16, "height": 16})
+    pre = Preprocessor(m, s)
+    assert (pre._xor is not None) == fast
+    img = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for pixels in (img, np.dstack([img, img[::-1], img.T])):
+        want = pre.lut[
+            cv2.cvtColor(
+                pixels if pixels.ndim == 3 else cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR), cv2.COLOR_BGR2RGB
+            )
+        ]
+        for out in (None, pre.new_buffer()):
+            t = pre(pixels, out=out)
+            assert t.dtype == dtype and np.array_equal(t[0], want)
+
+
 def test_preprocess_rejects_manifest_that_disagrees_with_tensor(float_model_dir: Path):
     model = find_model(str(float_model_dir))
     with pytest.raises(BadModel, match="does not match the model's input tensor"):

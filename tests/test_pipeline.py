@@ -108,6 +108,20 @@ class SpyPreprocess:
         return self.inner(pixels, out=out)
 
 
+def test_rolling_times_takes_a_frames_stages_at_once_as_one_by_one():
+    from firmware_app.stats import RollingTimes
+
+    one, many = RollingTimes(3), RollingTimes(3)
+    for i in range(5):
+        spans = (("queue", 0, 1_500_000 * i), ("invoke", 10, 10 + 2_000_000), ("queue", 7, 7))
+        for span in spans:
+            one.add_ns(*span)
+        many.add_ns_many(*spans)
+    assert list(many.summary()) == ["queue", "invoke"]  # first seen, first listed
+    assert many.summary() == one.summary()
+    assert many.samples("queue") == one.samples("queue") == [0.0, 6.0, 0.0]  # the window's newest
+
+
 def test_preprocessing_runs_on_the_capture_thread_while_the_model_runs(float_model_dir):
     p = make(float_model_dir, "synthetic:ultrasound?fps=0&width=160&height=120", max_frames=12)
     spy = p.inference.preprocess = SpyPreprocess(p.preprocess)

@@ -120,3 +120,26 @@ def test_drift_changes_go_to_the_audit_log(reference: dict, tmp_path: Path) -> N
     assert [(r["event"], r["state"], r["model_id"]) for r in records] == [
         ("drift_warning", "on", "us-fluid-seg")
     ]
+
+
+def test_frame_stats_are_the_bincount_and_mean_of_every_other_pixel() -> None:
+    """One contiguous copy and OpenCV's histogram: the same figures as counting the sampled pixels."""
+    import cv2
+
+    from firmware_app.records.drift import BINS, frame_stats
+
+    rng = np.random.default_rng(3)
+    ph = UltrasoundPhantom(640, 480, 7)
+    images = [ph.render(t)[0] for t in (0, 9)] + [XrayPhantom(321, 241, 1).render(0)[0]]
+    images += [rng.integers(0, 256, (h, w), dtype=np.uint8) for h, w in ((1, 1), (3, 700), (479, 641))]
+    images += [rng.integers(0, 256, (101, 77, c), dtype=np.uint8) for c in (3, 4)]
+    images += [np.full((48, 64), 255, np.uint8), rng.uniform(-50, 300, (60, 80)).astype(np.float32)]
+    for img in images:
+        px = img[::2, ::2]
+        if px.ndim == 3:
+            px = cv2.cvtColor(np.ascontiguousarray(px[:, :, :3]), cv2.COLOR_BGR2GRAY)
+        px = np.clip(px, 0, 255).astype(np.uint8)
+        want = np.bincount(px.ravel() >> 3, minlength=BINS).astype(np.float64) / px.size
+        mean, std = cv2.meanStdDev(px)
+        hist, m, s = frame_stats(img)
+        assert np.array_equal(hist, want) and (m, s) == (float(mean[0][0]), float(std[0][0]))

@@ -23,7 +23,9 @@ def _axes(title: str, xlabel: str, ylabel: str) -> np.ndarray:
     font = cv2.FONT_HERSHEY_SIMPLEX
     cv2.putText(img, title, (PAD, 20), font, 0.55, BLACK, 1, cv2.LINE_AA)
     cv2.putText(img, xlabel, (W // 2 - 60, H - 15), font, 0.5, BLACK, 1, cv2.LINE_AA)
-    cv2.putText(img, ylabel, (5, PAD // 2 + 12), font, 0.45, BLACK, 1, cv2.LINE_AA)
+    cv2.putText(
+        img, ylabel, (5, 14), font, 0.45, BLACK, 1, cv2.LINE_AA
+    )  # above the top tick, left of the title
     return img
 
 
@@ -38,8 +40,16 @@ def _ticks(img: np.ndarray, xmax: float, ymax: float) -> None:
     for i in range(6):
         x = PAD + i / 5 * (W - 1.5 * PAD)
         y = (H - PAD) - i / 5 * (H - 1.5 * PAD)
-        cv2.putText(img, f"{xmax * i / 5:.3g}", (int(x) - 10, H - PAD + 16), font, 0.4, BLACK, 1, cv2.LINE_AA)
-        cv2.putText(img, f"{ymax * i / 5:.3g}", (8, int(y) + 4), font, 0.4, BLACK, 1, cv2.LINE_AA)
+        label = _tick_label(xmax * i / 5)
+        tw = cv2.getTextSize(label, font, 0.4, 1)[0][0]
+        tx = min(int(x) - tw // 2, W - tw - 2)  # centred on its tick, never cut at the right edge
+        cv2.putText(img, label, (tx, H - PAD + 16), font, 0.4, BLACK, 1, cv2.LINE_AA)
+        cv2.putText(img, _tick_label(ymax * i / 5), (8, int(y) + 4), font, 0.4, BLACK, 1, cv2.LINE_AA)
+
+
+def _tick_label(v: float) -> str:
+    """3 significant digits, whole numbers from 1000 up (frame counts: 1850, not 1.85e+03)."""
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 
 def write_report(report_dir: str, e2e_ms: list[float], capture: dict[str, Any]) -> list[str]:

@@ -136,13 +136,20 @@ class FindingStage:
             if not self._big_enough(frac, mm2):
                 return result.evolve(alert=False, label=None), size
             return result, size
-        if result.boxes:  # boxes: the ones big enough, the top one's size
-            kept = tuple(b for b in result.boxes if self._big_enough(*_box_size(b, area_px, mm)))
+        boxes = result.boxes
+        if boxes:  # boxes: the ones big enough, the top one's size
+            kept = tuple(b for b in boxes if self._big_enough(*_box_size(b, area_px, mm)))
             if not kept:
                 return result.evolve(alert=False, label=None, shapes=_with_boxes(result, ())), None
             top = kept[0]
             frac, mm2 = _box_size(top, area_px, mm)
             size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
+            if (
+                len(kept) == len(boxes) == len(result.shapes)
+                and result.label == top.label
+                and result.confidence == top.score
+            ):  # every box kept, nothing else to reorder: the result as it is (a detector's, usually)
+                return result, size
             return result.evolve(
                 shapes=_with_boxes(result, kept), label=top.label, confidence=top.score
             ), size

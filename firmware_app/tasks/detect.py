@@ -71,8 +71,7 @@ class Detector(Task):
         self._fast = None
         if manifest.layout == "boxes_scores" and len(manifest.labels) == 2:
             self._fast = quantized_table(outputs[self.scores_i], 2, manifest.activation, manifest.calibration)
-        self._frame_size: tuple[int, int] | None = None  # the frame size _scale is for
-        self._scale = np.ones(4, np.float32)
+        self._scale: tuple = (None, None)  # (frame size, its [w, h, w, h] in float32)
         # quantized 8-bit boxes: a byte's value from a 256-entry table (the same float32 dequantization)
         spec = outputs[self.boxes_i]
         self._box_table = None
@@ -139,9 +138,10 @@ class Detector(Task):
         kept = scores[keep]
         # (x0, y0, x1, y1) normalised: the float32 arithmetic of one box, done for all of them at once
         corners = boxes[:, _XYXY]
-        if self._frame_size != frame_size:
-            self._frame_size, self._scale = frame_size, np.array([fw, fh, fw, fh], np.float32)
-        scale = self._scale
+        size, scale = self._scale  # one read: a call for another frame size may replace it
+        if size != frame_size:
+            scale = np.array([fw, fh, fw, fh], np.float32)
+            self._scale = (frame_size, scale)
         if self.m.layout == "boxes_scores":
             xywh = np.concatenate((corners[:, :2], corners[:, 2:] - corners[:, :2]), axis=1) * scale
             picked = cv2.dnn.NMSBoxes(xywh.tolist(), kept.tolist(), float(threshold), NMS_IOU)

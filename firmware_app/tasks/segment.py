@@ -138,8 +138,8 @@ class Segmenter(Task):
         if self._finite:
             self._rule = mask_rule(self._table, channels, spec.dtype, manifest.finding.pixel_threshold)
         self._last_empty = False
-        self._frame_size: tuple[int, int] | None = None  # the frame size _outline_xy is for
-        self._outline_xy = self._outline_offset = np.zeros(2, np.int32)
+        # (frame size, each map column's then row's frame coordinate, a point's offsets into them)
+        self._outline: tuple = (None, None, None)
 
     def probability_maps(self, raw: np.ndarray) -> np.ndarray:
         """-> float32 [H, W, K]: calibrated probability of each non-background label (K = 1 for 1 or 2 labels)."""
@@ -231,18 +231,19 @@ class Segmenter(Task):
         x0, y0 = max(x - 1, 0), max(y - 1, 0)
         ring = small[y0 : min(y + h + 1, mh), x0 : min(x + w + 1, mw)]
         contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
-        if self._frame_size != frame_size:
+        size, xy, offset = self._outline  # one read: a call for another frame size may replace it
+        if size != frame_size:
             # each map column's and row's frame coordinate (pixel centres): the float32 arithmetic a point
             # would get, done once per frame size for every coordinate
             fw, fh = frame_size
             sx, sy = fw / mw, fh / mh
             cols = np.arange(mw, dtype=np.float32) * np.float32(sx) + np.float32(sx / 2)
             rows = np.arange(mh, dtype=np.float32) * np.float32(sy) + np.float32(sy / 2)
-            self._outline_xy = np.concatenate([cols.astype(np.int32), rows.astype(np.int32)])
-            self._outline_offset = np.array([0, mw], np.int32)  # a point's (x, y) -> its two entries
-            self._frame_size = frame_size
+            xy = np.concatenate([cols.astype(np.int32), rows.astype(np.int32)])
+            offset = np.array([0, mw], np.int32)  # a point's (x, y) -> its two entries
+            self._outline = (frame_size, xy, offset)
         pts = (contours[0] if len(contours) == 1 else np.concatenate(contours)).reshape(-1, 2)
-        out = np.take(self._outline_xy, pts + self._outline_offset)
+        out = np.take(xy, pts + offset)
         if len(contours) == 1:
             return (Polygon(out),)
         polygons, start = [], 0

@@ -157,7 +157,10 @@ class Result:
         return tuple(s for s in self.shapes if isinstance(s, kind))
 
     def _first(self, kind: type) -> Any:
-        return next((s for s in self.shapes if isinstance(s, kind)), None)
+        for s in self.shapes:
+            if isinstance(s, kind):
+                return s
+        return None
 
     @property
     def mask(self) -> np.ndarray | None:

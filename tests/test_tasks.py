@@ -445,3 +445,60 @@ def test_classification_of_one_score_byte_is_the_per_frame_arithmetic(dtype, zp)
             seen.append(r.probabilities)
     seen[0]["absent"] = -1.0  # each result has its own mapping
     assert all(s["absent"] != -1.0 for s in seen[1:])
+
+
+@pytest.mark.parametrize(
+    "channels, activation, calibration, cut, rule",
+    [
+        (2, "none", {"method": "temperature", "temperature": 1.7}, 0.5, True),  # the bundled model's
+        (2, "none", {"method": "temperature", "temperature": 1.7}, 0.7, False),  # a ratio, not a difference
+        (2, "softmax", {"method": "temperature", "temperature": 1.8}, 0.3, True),
+        (2, "sigmoid", None, 0.6, None),
+        (1, "sigmoid", {"method": "platt", "a": 0.7, "b": -0.4}, 0.5, True),
+        (1, "none", None, 0.4, True),
+    ],
+)
+def test_the_mask_from_raw_bytes_is_the_tables_mask(channels, activation, calibration, cut, rule):
+    """Where the table's mask is a threshold on the raw values (mask_rule, checked over every index), the
+    mask is computed from them and the probabilities read in its box: the same result as the table's
+    whole map, frame for frame, empty masks (after which the whole map is read first) included."""
+    from dataclasses import fields
+
+    from firmware_app.tasks.segment import mask_rule
+
+    d = copy.deepcopy(SEG)
+    d["output"]["activation"] = activation
+    d["finding"] = {"pixel_threshold": cut}
+    if calibration:
+        d["calibration"] = calibration
+    m = parse_manifest(d, "t")
+    scale, zp = (1 / 256, -128) if activation == "none" else (0.07, 3)
+    for dtype in (np.int8, np.uint8):
+        if dtype == np.uint8:  # the same real values: probabilities from 0, logits around 0
+            zp = 0 if activation == "none" else 128
+        spec = TensorSpec(0, "o", (1, 24, 32, channels), np.dtype(dtype), scale, zp)
+        post, whole = make_postprocessor(m, [spec]), make_postprocessor(m, [spec])
+        whole._rule = None
+        assert (post._rule is not None) == bool(rule) or rule is None
+        if post._rule is not None:  # the rule is the table's mask over every index
+            index = np.arange(256**channels, dtype=np.uint16 if channels == 2 else np.uint8)
+            assert np.array_equal(post._rule(index), post._table > cut)
+        assert mask_rule(post._table, channels, spec.dtype, 2.0) is None  # nothing is ever above
+        rng = np.random.default_rng(channels)
+        info = np.iinfo(dtype)
+        for i in range(40):
+            raw = rng.integers(info.min, info.max + 1, (1, 24, 32, channels)).astype(dtype)
+            if i % 3 == 0:  # a frame whose mask is empty (or all but)
+                raw[..., -1] = info.min if i % 2 else raw[..., -1] // 8
+            a, b = post([raw], i, (320, 240), 0.5), whole([raw], i, (320, 240), 0.5)
+            for f in fields(a):
+                x, y = getattr(a, f.name), getattr(b, f.name)
+                if f.name == "shapes":
+                    assert len(x) == len(y)
+                    for s, t in zip(x, y):
+                        assert type(s) is type(t)
+                        for g in fields(s):
+                            u, v = getattr(s, g.name), getattr(t, g.name)
+                            assert np.array_equal(u, v) if isinstance(u, np.ndarray) else u == v
+                else:
+                    assert x == y, f.name

@@ -44,6 +44,10 @@ class Classifier(Task):
             raise BadModel("a single-value classification output needs exactly 2 labels [negative, finding]")
         self.single = n == 1
         self.hm_spec = outputs[hm] if hm is not None else None
+        # an 8-bit heatmap: its bytes' float32 values once (what dequantize computes, element for element)
+        self._hm_table = None
+        if self.hm_spec is not None and self.hm_spec.quantized and np.dtype(self.hm_spec.dtype).itemsize == 1:
+            self._hm_table = self.hm_spec.dequantize(np.arange(256, dtype=np.uint8).view(self.hm_spec.dtype))
         # one quantized score: every byte's decision computed once, by the code a frame would run
         self._by_byte: list[tuple] | None = None
         if self.single and self.spec.quantized and np.dtype(self.spec.dtype).itemsize == 1:
@@ -82,11 +86,15 @@ class Classifier(Task):
         if (
             self.hm_spec is not None and alert
         ):  # where the model sees the finding; nothing to show without one
-            h = self.hm_spec.dequantize(raw_outputs[self.heatmap_index])[0]
+            raw_hm = raw_outputs[self.heatmap_index]
+            if self._hm_table is not None:  # the same float32 values, looked up by byte
+                h = self._hm_table.take(raw_hm.view(np.uint8))[0]
+            else:
+                h = self.hm_spec.dequantize(raw_hm)[0]
             if h.ndim == 3:
                 h = h[..., min(k, h.shape[-1] - 1)]
-            lo, hi = float(h.min()), float(h.max())
-            heat = ((h - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(h)
+            lo, hi = float(np.minimum.reduce(h, axis=None)), float(np.maximum.reduce(h, axis=None))
+            heat = ((h - lo) / (hi - lo)).astype(np.float32, copy=False) if hi > lo else np.zeros_like(h)
             shapes = (Heatmap(heat),)
         return Result(
             frame_id=frame_id,

@@ -22,7 +22,7 @@ from firmware_app.tasks.calibrate import probabilities, quantized_table
 from firmware_app.types import Result
 
 NMS_IOU = 0.5
-_XYXY = [1, 0, 3, 2]  # (ymin, xmin, ymax, xmax) -> (x0, y0, x1, y1)
+_XYXY = np.array([1, 0, 3, 2])  # (ymin, xmin, ymax, xmax) -> (x0, y0, x1, y1)
 
 
 LAYOUTS = ("ssd_postprocess", "boxes_scores")
@@ -71,6 +71,7 @@ class Detector(Task):
         self._fast = None
         if manifest.layout == "boxes_scores" and len(manifest.labels) == 2:
             self._fast = quantized_table(outputs[self.scores_i], 2, manifest.activation, manifest.calibration)
+        self._scale: tuple = (None, None)  # (frame size, its [w, h, w, h] in float32)
         # quantized 8-bit boxes: a byte's value from a 256-entry table (the same float32 dequantization)
         spec = outputs[self.boxes_i]
         self._box_table = None
@@ -80,7 +81,7 @@ class Detector(Task):
     def _box_values(self, raw: np.ndarray) -> np.ndarray:
         """Raw boxes [n, 4] -> float32 normalised coordinates."""
         if self._box_table is not None:
-            return np.take(self._box_table, raw.view(np.uint8))
+            return self._box_table.take(raw.view(np.uint8))
         return self.specs[self.boxes_i].dequantize(raw)
 
     def _shapes(self) -> str:
@@ -115,7 +116,7 @@ class Detector(Task):
         fw, fh = frame_size
         if self._fast is not None:  # only the boxes at or above the threshold are dequantized
             table, index = self._fast
-            scores = np.take(table, index(raw_outputs[self.scores_i][0]))
+            scores = table.take(index(raw_outputs[self.scores_i][0]))
             keep = (scores >= threshold).nonzero()[0]
             cls = None  # every box is labels[1]
         else:
@@ -137,14 +138,17 @@ class Detector(Task):
         kept = scores[keep]
         # (x0, y0, x1, y1) normalised: the float32 arithmetic of one box, done for all of them at once
         corners = boxes[:, _XYXY]
-        scale = np.array([fw, fh, fw, fh], np.float32)
+        size, scale = self._scale  # one read: a call for another frame size may replace it
+        if size != frame_size:
+            scale = np.array([fw, fh, fw, fh], np.float32)
+            self._scale = (frame_size, scale)
         if self.m.layout == "boxes_scores":
             xywh = np.concatenate((corners[:, :2], corners[:, 2:] - corners[:, :2]), axis=1) * scale
             picked = cv2.dnn.NMSBoxes(xywh.tolist(), kept.tolist(), float(threshold), NMS_IOU)
             keep = np.asarray(picked, dtype=np.int64).reshape(-1)
         else:
             keep = np.arange(len(kept))
-        keep = keep[np.argsort(-kept[keep], kind="stable")]  # best first
+        keep = keep[(-kept[keep]).argsort(kind="stable")]  # best first
         xyxy = (corners[keep].clip(0.0, 1.0) * scale).tolist()
         labels = self.m.labels
         if cls is None:

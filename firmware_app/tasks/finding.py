@@ -100,11 +100,12 @@ class FindingStage:
             return _bare(
                 result, "unlike_training_data", gate, paused=verdict.reason or "unlike training data"
             )
-        result, size = self._sized(result, frame)
+        mm, area = _scale(frame), result.area_fraction  # (a mask's area: the same after _sized)
+        result, size = self._sized(result, frame, mm, area)
         candidate = bool(result.alert) and result.label is not None
         if not self._remember(candidate, single):
             return _bare(result, "no_finding", gate, confidence=result.confidence)
-        measurements = _measurements(result, frame)
+        measurements = _measurements(result, frame, mm, area)
         if result.measurements:  # a task's own, then ours
             measurements = {**result.measurements, **measurements}
         return result.evolve(state="finding", alert=True, gate=gate, size=size, measurements=measurements)
@@ -122,24 +123,33 @@ class FindingStage:
         return self._on
 
     # -- size --
-    def _sized(self, result: Result, frame: Frame) -> tuple[Result, tuple[float, str] | None]:
-        """``result`` without what is below the minimum size (no finding, or fewer boxes), and its size."""
-        mm = _scale(frame)
+    def _sized(
+        self, result: Result, frame: Frame, mm: tuple[float, float] | None, area: float | None
+    ) -> tuple[Result, tuple[float, str] | None]:
+        """``result`` without what is below the minimum size (no finding, or fewer boxes), and its size
+        (``mm``: the frame's scale, ``area``: the result's area fraction)."""
         area_px = float(frame.width * frame.height)
-        if result.area_fraction:  # a region (a Mask)
-            frac = float(result.area_fraction)
+        if area:  # a region (a Mask)
+            frac = float(area)
             mm2 = frac * area_px * mm[0] * mm[1] if mm else None
             size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
             if not self._big_enough(frac, mm2):
                 return result.evolve(alert=False, label=None), size
             return result, size
-        if result.boxes:  # boxes: the ones big enough, the top one's size
-            kept = tuple(b for b in result.boxes if self._big_enough(*_box_size(b, area_px, mm)))
+        boxes = result.boxes
+        if boxes:  # boxes: the ones big enough, the top one's size
+            kept = tuple(b for b in boxes if self._big_enough(*_box_size(b, area_px, mm)))
             if not kept:
                 return result.evolve(alert=False, label=None, shapes=_with_boxes(result, ())), None
             top = kept[0]
             frac, mm2 = _box_size(top, area_px, mm)
             size = (mm2, "mm2") if mm2 is not None else (frac, "fraction")
+            if (
+                len(kept) == len(boxes) == len(result.shapes)
+                and result.label == top.label
+                and result.confidence == top.score
+            ):  # every box kept, nothing else to reorder: the result as it is (a detector's, usually)
+                return result, size
             return result.evolve(
                 shapes=_with_boxes(result, kept), label=top.label, confidence=top.score
             ), size
@@ -157,18 +167,20 @@ def _scale(frame: Frame) -> tuple[float, float] | None:
     return (float(mm[0]), float(mm[1])) if mm else None
 
 
-def _measurements(result: Result, frame: Frame) -> dict[str, tuple[float, str]]:
-    """What a finding measures in mm when the scale is known: a region's area and the extent of its
-    largest part (two collections are not one 8 cm finding), the top box's extent; for ultrasound the
-    depth of its centre from the transducer face."""
-    mm = _scale(frame)
+def _measurements(
+    result: Result, frame: Frame, mm: tuple[float, float] | None, area: float | None
+) -> dict[str, tuple[float, str]]:
+    """What a finding measures in mm when the scale ``mm`` is known: a region's area (``area``, its
+    fraction of the frame) and the extent of its largest part (two collections are not one 8 cm
+    finding), the top box's extent; for ultrasound the depth of its centre from the transducer face."""
     if mm is None:
         return {}
-    depth_ok = frame.meta.get("Modality") not in _PROJECTION
-    depth0 = float(frame.meta.get("depth_origin_y") or 0.0)
+    meta = frame.meta
+    depth_ok = meta.get("Modality") not in _PROJECTION
+    depth0 = float(meta.get("depth_origin_y") or 0.0)
     meas: dict[str, tuple[float, str]] = {}
-    if result.area_fraction:
-        meas["area"] = (float(result.area_fraction) * frame.width * frame.height * mm[0] * mm[1], "mm2")
+    if area:
+        meas["area"] = (float(area) * frame.width * frame.height * mm[0] * mm[1], "mm2")
         contours = result.contours
         if contours:
             largest = contours[0] if len(contours) == 1 else max(contours, key=_contour_area)

@@ -17,6 +17,7 @@ reports the highest pixel probability (uncalibrated). The threshold in force app
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -65,6 +66,43 @@ def finding_confidence(rules: FindingRules, top: float, mean_in: float, area: fl
     return min(max(1.0 / (1.0 + math.exp(-min(max(z, -60.0), 60.0))), lo), hi)
 
 
+def mask_rule(
+    table: np.ndarray, channels: int, dtype: np.dtype, cut: float
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The mask ``table[index] > cut`` computed from the index's raw bytes, when the table allows it: one
+    channel, ``q >= t`` for the byte's value q; two, ``q1 - q0 >= c`` (the finding's value minus the
+    background's: a softmax over two scores, calibrated or not). Checked over every index of the table,
+    so it is the table's mask exactly; None when no such threshold exists (or nothing is ever above ``cut``).
+    """
+    above = table > cut
+    if not above.any():
+        return None
+    value = np.arange(256, dtype=np.uint8).view(dtype).astype(np.int64)  # a byte's value, in its order
+    if channels == 1:
+        t = int(value[above].min())
+        if not np.array_equal(above, value >= t):
+            return None
+        return lambda index: index.view(dtype) >= t
+    i = np.arange(65536)
+    diff = value[i >> 8] - value[i & 0xFF]  # index = q1 byte * 256 + q0 byte (calibrate.quantized_table)
+    c = int(diff[above].min())
+    if not np.array_equal(above, diff >= c):
+        return None
+    flip = np.uint16(0x8080 if np.dtype(dtype) == np.int8 else 0)  # int8: offset binary keeps the order
+
+    def rule(index: np.ndarray) -> np.ndarray:
+        u = index ^ flip  # both bytes as unsigned values in their order: q + 128 for int8
+        hi = u >> 8
+        u &= 0xFF
+        if c >= 0:
+            u += c
+        else:
+            hi += -c
+        return hi >= u
+
+    return rule
+
+
 @register("segmentation")
 class Segmenter(Task):
     metrics = "firmware_app.validate:_Segmentation"  # what `validate` measures on a labelled set
@@ -93,8 +131,15 @@ class Segmenter(Task):
         fast = quantized_table(spec, channels, manifest.activation, manifest.calibration)
         self._table, self._index = fast if fast is not None else (None, None)
         self._finite = self._table is not None and bool(np.isfinite(self._table).all())
-        self._frame_size: tuple[int, int] | None = None  # the frame size _scale and _offset are for
-        self._scale = self._offset = np.ones(2, np.float32)
+        # the mask straight from the raw bytes (see mask_rule); the map's probabilities are then looked up in
+        # the mask's bounding box only. After an empty mask the next frame gathers the whole map first (an
+        # empty mask needs the map's maximum): the same figures either way, the cheaper order for each
+        self._rule = None
+        if self._finite:
+            self._rule = mask_rule(self._table, channels, spec.dtype, manifest.finding.pixel_threshold)
+        self._last_empty = False
+        # (frame size, each map column's then row's frame coordinate, a point's offsets into them)
+        self._outline: tuple = (None, None, None)
 
     def probability_maps(self, raw: np.ndarray) -> np.ndarray:
         """-> float32 [H, W, K]: calibrated probability of each non-background label (K = 1 for 1 or 2 labels)."""
@@ -110,10 +155,15 @@ class Segmenter(Task):
         self, raw_outputs: list[np.ndarray], frame_id: int, frame_size: tuple[int, int], threshold: float
     ) -> Result:
         cut = self.m.finding.pixel_threshold
-        if self._table is not None:
-            prob = np.take(self._table, self._index(raw_outputs[0][0]))
-            small = (prob > cut).view(np.uint8)
-            k, top = 0, None  # the map's maximum: read inside the mask when it has one (see _region)
+        table, prob, index = self._table, None, None
+        if table is not None:
+            index = self._index(raw_outputs[0][0])
+            if self._rule is not None and not self._last_empty:
+                small = self._rule(index).view(np.uint8)
+            else:
+                prob = table.take(index)
+                small = (prob > cut).view(np.uint8)
+            k, top = 0, None  # the map's maximum: read inside the mask when it has one
         else:
             probs = self.probability_maps(raw_outputs[0])
             masks = probs > cut  # a tie (p = 0.5 with threshold 0.5) is background, as argmax
@@ -122,9 +172,10 @@ class Segmenter(Task):
             max_per_label = {self.m.labels[i + 1]: float(probs[..., i].max()) for i in range(probs.shape[-1])}
             prob, top = probs[..., k], max_per_label[self.m.labels[k + 1]]
         n = cv2.countNonZero(small)
+        self._last_empty = n == 0
         if n == 0:
             if top is None:
-                top = float(prob.max())
+                top = float(np.maximum.reduce(table.take(index) if prob is None else prob, axis=None))
             confidence = finding_confidence(self.m.finding, top, top, 0.0)
             return Result(
                 frame_id=frame_id,
@@ -132,23 +183,24 @@ class Segmenter(Task):
                 label=None,
                 confidence=confidence,
                 alert=False,
-                probabilities={self.m.labels[1]: top} if self._table is not None else max_per_label,
+                probabilities={self.m.labels[1]: top} if table is not None else max_per_label,
                 shapes=(Mask(small, None, 0.0),),
             )
         # everything else is read inside the mask's bounding box: the same pixels, in the same order
         x, y, w, h = cv2.boundingRect(small)
-        box = prob[y : y + h, x : x + w]
-        inside = box[small[y : y + h, x : x + w].view(bool)]  # = prob[mask], element for element
+        region = small[y : y + h, x : x + w]
+        box = prob[y : y + h, x : x + w] if prob is not None else table.take(index[y : y + h, x : x + w])
+        inside = box[region.view(bool)]  # = prob[mask], element for element
         if top is None:
             # every pixel outside the mask is <= cut < every pixel inside (the table is finite): the map's
-            # maximum is the mask's
-            top = float(inside.max()) if self._finite else float(prob.max())
+            # maximum is the mask's (no rule, as for a table that is not finite: prob is the whole map)
+            top = float(np.maximum.reduce(inside if self._finite else prob, axis=None))
         total = np.add.reduce(inside)
         mean_in = float(total.dtype.type(total / n))  # = ndarray.mean() (float32 sum, then / n)
         confidence = finding_confidence(self.m.finding, top, mean_in, n / small.size)
-        max_per_label = {self.m.labels[1]: top} if self._table is not None else max_per_label
+        max_per_label = {self.m.labels[1]: top} if table is not None else max_per_label
         # moments of the box, moved to the frame's origin: integer sums, exact in float64
-        mom = cv2.moments(small[y : y + h, x : x + w], binaryImage=True)
+        mom = cv2.moments(region, binaryImage=True)
         m10, m01 = mom["m10"] + x * n, mom["m01"] + y * n
         fw, fh = frame_size
         mh, mw = self.out_hw
@@ -179,18 +231,19 @@ class Segmenter(Task):
         x0, y0 = max(x - 1, 0), max(y - 1, 0)
         ring = small[y0 : min(y + h + 1, mh), x0 : min(x + w + 1, mw)]
         contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
-        if self._frame_size != frame_size:
+        size, xy, offset = self._outline  # one read: a call for another frame size may replace it
+        if size != frame_size:
+            # each map column's and row's frame coordinate (pixel centres): the float32 arithmetic a point
+            # would get, done once per frame size for every coordinate
             fw, fh = frame_size
             sx, sy = fw / mw, fh / mh
-            self._frame_size = frame_size
-            self._scale = np.array([sx, sy], np.float32)
-            self._offset = np.array([sx / 2, sy / 2], np.float32)
-        # every contour's points in one array, scaled in one pass (the same float32 operations)
+            cols = np.arange(mw, dtype=np.float32) * np.float32(sx) + np.float32(sx / 2)
+            rows = np.arange(mh, dtype=np.float32) * np.float32(sy) + np.float32(sy / 2)
+            xy = np.concatenate([cols.astype(np.int32), rows.astype(np.int32)])
+            offset = np.array([0, mw], np.int32)  # a point's (x, y) -> its two entries
+            self._outline = (frame_size, xy, offset)
         pts = (contours[0] if len(contours) == 1 else np.concatenate(contours)).reshape(-1, 2)
-        xy = pts.astype(np.float32)
-        xy *= self._scale
-        xy += self._offset
-        out = xy.astype(np.int32)
+        out = np.take(xy, pts + offset)
         if len(contours) == 1:
             return (Polygon(out),)
         polygons, start = [], 0

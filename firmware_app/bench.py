@@ -349,7 +349,6 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
     frame, after CAPTURE_WARMUP frames (the region found). CPU time of the process: OpenCV's worker
     threads count too. ``stages``: CPU and wall time p50/p99 of each step of both paths (``read`` is the
     source's: decode, region watch and crop; ``decode`` inside it for MJPG)."""
-    from firmware_app.sources.grab import yuyv_frame
 
     m = model.manifest
     backend = BackendChain.from_board(board).open(model).backend
@@ -385,10 +384,7 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
         buf = cap.frames[(CAPTURE_WARMUP + i) % len(cap.frames)]
         x, y, rw, rh = frame.meta["imaging_region"]
         w, c = time.perf_counter_ns(), time.process_time_ns()
-        if cap.fourcc == "MJPG":
-            full = cv2.imdecode(np.ascontiguousarray(buf).reshape(-1), cv2.IMREAD_COLOR)
-        else:
-            full = yuyv_frame(buf, cap.width, cap.height)
+        full = _naive_decode(cap, buf)
         w, c = mark("n_decode", w, c)
         small = cv2.resize(full[y : y + rh, x : x + rw], (m.width, m.height), interpolation=cv2.INTER_AREA)
         w, c = mark("n_resize", w, c)
@@ -418,13 +414,21 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
     }
 
 
+def _naive_decode(cap, buf) -> np.ndarray:
+    """A grabber's buffer as ``cv2.VideoCapture`` hands it over: the whole frame decoded, in colour."""
+    from firmware_app.sources.grab import yuyv_frame
+
+    if cap.fourcc == "MJPG":
+        return cv2.imdecode(np.ascontiguousarray(buf).reshape(-1), cv2.IMREAD_COLOR)
+    return yuyv_frame(buf, cap.width, cap.height)
+
+
 def capture_naive_run(board, model: ModelRef, cap, region: list[int]) -> dict[str, Any]:
     """The naive path on the same paced stream, on one thread: OpenCV's full decode, the imaging region cut
     out, then the naive loop's step (resize, float quantize, invoke, dequantize, full-frame blend, stretch
     to the screen, label). Latency from the frame's arrival to its picture drawn; the frames the grabber
     overwrote while the loop was busy are dropped."""
     from firmware_app.backends.litert import LiteRTBackend
-    from firmware_app.sources.grab import yuyv_frame
 
     m = model.manifest
     backend = LiteRTBackend(model.tflite, threads=board.backend["threads"])
@@ -438,10 +442,7 @@ def capture_naive_run(board, model: ModelRef, cap, region: list[int]) -> dict[st
         if not ok:
             break
         t_arrival = cap.t_arrival_ns
-        if cap.fourcc == "MJPG":
-            full = cv2.imdecode(np.ascontiguousarray(buf).reshape(-1), cv2.IMREAD_COLOR)
-        else:
-            full = yuyv_frame(buf, cap.width, cap.height)
+        full = _naive_decode(cap, buf)
         naive_step(backend, m, backend.input, full[y : y + h, x : x + w], canvas)
         latency.append((time.monotonic_ns() - t_arrival) / 1e6)
     cap.release()

@@ -20,10 +20,13 @@ class RollingTimes:
 
     def add(self, stage: str, ms: float) -> None:
         with self._lock:
-            d = self._data.get(stage)
-            if d is None:
-                d = self._data[stage] = deque(maxlen=self.window)
-            d.append(ms)
+            self._append(stage, ms)
+
+    def _append(self, stage: str, ms: float) -> None:  # (under the lock)
+        d = self._data.get(stage)
+        if d is None:
+            d = self._data[stage] = deque(maxlen=self.window)
+        d.append(ms)
 
     def add_ns(self, stage: str, t0_ns: int, t1_ns: int) -> None:
         self.add(stage, (t1_ns - t0_ns) / 1e6)
@@ -31,12 +34,8 @@ class RollingTimes:
     def add_ns_many(self, *spans: tuple[str, int, int]) -> None:
         """Several ``(stage, t0_ns, t1_ns)`` at once, under one lock: a frame's stages."""
         with self._lock:
-            data = self._data
             for stage, t0_ns, t1_ns in spans:
-                d = data.get(stage)
-                if d is None:
-                    d = data[stage] = deque(maxlen=self.window)
-                d.append((t1_ns - t0_ns) / 1e6)
+                self._append(stage, (t1_ns - t0_ns) / 1e6)
 
     def percentiles(self, stage: str) -> dict[str, float] | None:
         with self._lock:

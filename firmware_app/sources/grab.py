@@ -176,15 +176,7 @@ class JpegDecoder:
 def yuyv_frame(data: Any, width: int, height: int, k: int = 1, gray: bool = False) -> np.ndarray:
     """Packed YUYV (Y0 U Y1 V per pixel pair) of a ``width`` x ``height`` picture at 1/k: every k-th row
     and every k-th pixel pair converted alone (BGR), or every k-th luma sample (``gray``)."""
-    buf = np.asarray(data, dtype=np.uint8).reshape(-1)
-    if buf.size != width * height * 2 or width % 2:
-        raise BadFrame(f"YUYV frame skipped: {buf.size} bytes is not {width}x{height} YUYV")
-    pairs = buf.reshape(height, width // 2, 4)
-    if gray:
-        return np.ascontiguousarray(buf.reshape(height, width, 2)[::k, ::k, 0])
-    sub = np.ascontiguousarray(pairs[::k, :: max(k, 1)]) if k > 1 else pairs
-    h2, n = sub.shape[:2]
-    return cv2.cvtColor(sub.reshape(h2, n * 2, 2), cv2.COLOR_YUV2BGR_YUYV)
+    return yuyv_part(data, width, height, (0, 0, width, height), k, gray)[0]
 
 
 def yuyv_part(data: Any, width: int, height: int, rect: Rect, k: int = 1, gray: bool = False):
@@ -192,9 +184,7 @@ def yuyv_part(data: Any, width: int, height: int, rect: Rect, k: int = 1, gray: 
     converted at 1/k as ``yuyv_frame`` converts the whole picture: -> (pixels, origin), ``origin`` the
     part's top-left corner in source pixels (a multiple of 2k across, of k down), so that the part is
     exactly the whole picture's conversion cut at (origin / k)."""
-    buf = np.asarray(data, dtype=np.uint8).reshape(-1)
-    if buf.size != width * height * 2 or width % 2:
-        raise BadFrame(f"YUYV frame skipped: {buf.size} bytes is not {width}x{height} YUYV")
+    buf = _yuyv_buffer(data, width, height)
     x, y, w, h = rect
     step = 2 * k
     x0, y0 = max(0, x) // step * step, max(0, y) // k * k
@@ -203,8 +193,7 @@ def yuyv_part(data: Any, width: int, height: int, rect: Rect, k: int = 1, gray: 
     if gray:
         luma = buf.reshape(height, width, 2)[y0:y1:k, x0:x1:k, 0]
         return np.ascontiguousarray(luma), (x0, y0)
-    pairs = buf.reshape(height, width // 2, 4)[y0:y1:k, x0 // 2 : x1 // 2 : k]
-    sub = np.ascontiguousarray(pairs)
+    sub = np.ascontiguousarray(buf.reshape(height, width // 2, 4)[y0:y1:k, x0 // 2 : x1 // 2 : k])
     h2, n = sub.shape[:2]
     return cv2.cvtColor(sub.reshape(h2, n * 2, 2), cv2.COLOR_YUV2BGR_YUYV), (x0, y0)
 
@@ -212,7 +201,15 @@ def yuyv_part(data: Any, width: int, height: int, rect: Rect, k: int = 1, gray: 
 def yuyv_luma(data: Any, width: int, height: int) -> np.ndarray:
     """The luma plane of a packed YUYV picture as a strided view (no copy): what the region detector
     watches."""
-    return np.asarray(data, dtype=np.uint8).reshape(height, width, 2)[:, :, 0]
+    return _yuyv_buffer(data, width, height).reshape(height, width, 2)[:, :, 0]
+
+
+def _yuyv_buffer(data: Any, width: int, height: int) -> np.ndarray:
+    """``data`` as flat bytes; BadFrame when it is not a ``width`` x ``height`` YUYV picture."""
+    buf = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if buf.size != width * height * 2 or width % 2:
+        raise BadFrame(f"YUYV frame skipped: {buf.size} bytes is not {width}x{height} YUYV")
+    return buf
 
 
 def bgr_to_yuyv(bgr: np.ndarray) -> np.ndarray:

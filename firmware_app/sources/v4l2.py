@@ -330,8 +330,6 @@ class V4l2Source(Source):
     ) -> Frame:
         """A YUYV frame: the region detector watches its luma as it lies in the buffer (no conversion),
         then only the imaging region's rows and pixel pairs are converted, at the scale needed."""
-        if buf.size != size[0] * size[1] * 2 or size[0] % 2:
-            raise BadFrame(f"YUYV frame skipped: {buf.size} bytes is not {size[0]}x{size[1]} YUYV")
         self.watch_region(yuyv_luma(buf, *size), 1, self._detect_scale(*size))
         k = self.decode_scale(*size)
         rect = self.imaging_region(*size).rect

@@ -12,15 +12,19 @@
 results on its frames, wall and CPU time p50/p99 (RENDERS renders at each size, the sizes alternating).
 ``overhead_ms_p50`` is the CPU time per analysed frame spent outside invoke: preprocess + postprocess (p50
 each, CPU time of the thread that does them) + render and display at the share of frames the screen
-shows. ``startup_s``: process start to the first result on screen, in a fresh process. ``rss_mb``: this
-process's peak resident memory. Each bundled model is fed its own phantom (PHANTOMS); ``--source``
+shows. ``spare_core``: bare invoke and pipeline again with one model thread fewer, the pipeline's own
+cost when its threads have a core the model does not use (``cpu_count`` beside it). ``startup_s``:
+process start to the first result on screen, in a fresh process. ``rss_mb``: this process's peak resident
+memory. Each bundled model is fed its own phantom (PHANTOMS); ``--source``
 overrides it. Bare, pipeline and naive runs alternate in ROUNDS rounds of ``frames`` each, after one
 uncounted pipeline round, and each figure is the median of its rounds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -242,6 +246,7 @@ def run_bench(
     paced_stats = pipeline_run(board, model, paced, paced_n, engine_cache)
     paced_bare = bare_invoke(model, chain, sample, paced_n, PACED_FPS)["invoke_ms"]
     render = render_times(board, model, unlimited, engine_cache=engine_cache)
+    spare = spare_core(board, model, sample, unlimited, frames, engine_cache, data_dir)
     stages = full["stages_ms"]
     # CPU time per analysed frame outside invoke: pre- and post-processing every frame, the screen at the
     # share of frames it shows (it refreshes at the display's rate, not the model's)
@@ -274,6 +279,33 @@ def run_bench(
         "cpu_ms": cpu,
         "paced_stages_ms": paced_stats["stages_ms"],
         "render_ms": render,
+        "cpu_count": os.cpu_count(),
+        "spare_core": spare,
+    }
+
+
+def spare_core(
+    board, model: ModelRef, sample, source_uri: str, frames: int, engine_cache: str | None, data_dir
+) -> dict[str, Any] | None:
+    """Bare invoke and the pipeline again with one model thread fewer (``threads`` >= 2), ROUNDS rounds
+    alternating, medians: the pipeline's own cost when its other threads have a core the model does not
+    use (a 4-core board with 3 model threads), apart from the cost of sharing every core with the
+    model's threads (``pipeline_fps`` / ``bare_invoke_fps`` at ``threads`` = the number of cores)."""
+    threads = int(board.backend["threads"])
+    if threads < 2:
+        return None
+    fewer = dataclasses.replace(board, backend={**board.backend, "threads": threads - 1})
+    chain = BackendChain.from_board(fewer, engine_cache=engine_cache, data_dir=data_dir)
+    bares, fulls = [], []
+    for _ in range(ROUNDS):
+        bares.append(bare_invoke(model, chain, sample, frames)["bare_invoke_fps"])
+        fulls.append(pipeline_run(fewer, model, source_uri, frames, engine_cache)["pipeline_fps"])
+    bare, full = sorted(bares)[ROUNDS // 2], sorted(fulls)[ROUNDS // 2]
+    return {
+        "threads": threads - 1,
+        "bare_invoke_fps": round(bare, 2),
+        "pipeline_fps": round(full, 2),
+        "ratio": round(full / bare, 3) if bare else None,
     }
 
 
@@ -300,16 +332,13 @@ def parse_capture(spec: str) -> tuple[str, int, int, float]:
 
 
 def decode_target_for(board, model: ModelRef) -> dict[str, Any]:
-    """What the composer hands the source: the model's input, the screen's image area, gray or colour."""
+    """What the composer hands the source (``compose.decode_target``): the model's input, the screen's
+    image area, colour kept; the bench measures what a device runs."""
+    from firmware_app.compose import decode_target
     from firmware_app.display.screen import Screen
 
-    m = model.manifest
     area = Screen(int(board.display["width"]), int(board.display["height"])).image_region
-    return {
-        "size": (m.width, m.height),
-        "fit": (area.w, area.h),
-        "gray": m.color == "gray",
-    }
+    return decode_target(model.manifest, (area.w, area.h))
 
 
 def _capture_source(cap, board, model: ModelRef):
@@ -348,7 +377,9 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
     resize to the model's input, preprocess). Both end at the model tensor; they alternate frame by
     frame, after CAPTURE_WARMUP frames (the region found). CPU time of the process: OpenCV's worker
     threads count too. ``stages``: CPU and wall time p50/p99 of each step of both paths (``read`` is the
-    source's: decode, region watch and crop; ``decode`` inside it for MJPG)."""
+    source's: decode, region watch and crop; ``decode`` inside it for MJPG). ``decode_floor`` (MJPG): the
+    same frames decoded at 1/8 to gray by the same decoder, timed after the naive path: what is left
+    when the IDCT and the colour work are all but gone, the entropy decoding of every byte."""
 
     m = model.manifest
     backend = BackendChain.from_board(board).open(model).backend
@@ -366,7 +397,8 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
         timed.cpu.clear()
         timed.wall.clear()
     ours, naive = [], []
-    cpu: dict[str, list[float]] = {k: [] for k in ("read", "preprocess", "n_decode", "n_resize", "n_pre")}
+    keys = ("read", "preprocess", "n_decode", "n_resize", "n_pre", "floor")
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
     wall: dict[str, list[float]] = {k: [] for k in cpu}
 
     def mark(name: str, w0: int, c0: int) -> tuple[int, int]:
@@ -389,7 +421,10 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
         small = cv2.resize(full[y : y + rh, x : x + rw], (m.width, m.height), interpolation=cv2.INTER_AREA)
         w, c = mark("n_resize", w, c)
         pre(small)
-        mark("n_pre", w, c)
+        w, c = mark("n_pre", w, c)
+        if timed is not None:  # the floor: the same bytes at 1/8, gray (entropy decoding, little else)
+            timed.decoder.decode(buf, 8, True)
+            mark("floor", w, c)
         ours.append(cpu["read"][-1] + cpu["preprocess"][-1])
         naive.append(cpu["n_decode"][-1] + cpu["n_resize"][-1] + cpu["n_pre"][-1])
     src.close()
@@ -404,12 +439,19 @@ def capture_cpu(board, model: ModelRef, cap, n: int) -> dict[str, Any]:
     if timed is not None and timed.cpu:
         stages["ours"]["decode"] = _stage(timed.cpu, timed.wall)
     stages["ours"]["preprocess"] = _stage(cpu["preprocess"], wall["preprocess"])
+    naive_p50 = float(np.median(naive))
+    floor = None
+    if cpu["floor"]:
+        floor_p50 = float(np.median(cpu["floor"]))
+        floor = {"cpu_ms_p50": round(floor_p50, 3), "ratio_to_naive": round(floor_p50 / naive_p50, 3)}
     return {
+        "decode_floor": floor,
+        "decoded_gray": frame.pixels.ndim == 2,
         "decode_scale": int(frame.meta.get("decode_scale", 1)),
         "decoder": src.decoder.name if cap.fourcc == "MJPG" else "yuyv",
         "imaging_region": list(frame.meta["imaging_region"]),
         "cpu_ms_p50": round(float(np.median(ours)), 3),
-        "naive_cpu_ms_p50": round(float(np.median(naive)), 3),
+        "naive_cpu_ms_p50": round(naive_p50, 3),
         "stages": stages,
     }
 
@@ -458,7 +500,6 @@ def capture_naive_run(board, model: ModelRef, cap, region: list[int]) -> dict[st
 def capture_pipeline(board, model: ModelRef, cap, engine_cache: str | None = None) -> dict[str, Any]:
     """The full pipeline fed by the paced capture double, as composed for the board (the capture stands in
     for the device through the v4l2 source's ``capture`` option); every shown frame's latency is kept."""
-    import dataclasses
     import threading
 
     n = cap.count - CAPTURE_TAIL
@@ -466,9 +507,7 @@ def capture_pipeline(board, model: ModelRef, cap, engine_cache: str | None = Non
     pipe_opts = {**board.pipeline, "stats_window": n + 100}
     b = dataclasses.replace(board, source=opts, pipeline=pipe_opts)
     p = build_pipeline(b, model, f"v4l2:{cap.device}", ["null"], engine_cache=engine_cache)
-    p.options.score_truth = False
-    t = decode_target_for(board, model)
-    p.source.set_decode_target(t["size"], fit=t["fit"], gray=t["gray"])
+    p.options.score_truth = False  # (the composer has told the source what to decode: decode_for)
     scales: list[int] = []
     p.listeners.append(lambda frame, result: scales.append(int(frame.meta.get("decode_scale", 1))))
 
@@ -528,6 +567,7 @@ def run_capture_bench(
         "fps": fps,
         "decode_scale": cpu["decode_scale"],
         "decoder": cpu["decoder"],
+        "decoded_gray": cpu["decoded_gray"],
         "imaging_region": cpu["imaging_region"],
         "cpu_ms_p50": cpu["cpu_ms_p50"],
         "naive_cpu_ms_p50": cpu["naive_cpu_ms_p50"],
@@ -543,6 +583,9 @@ def run_capture_bench(
         "mismatched_overlays": run["mismatched_overlays"],
         # per step of both paths (one thread, same frames), and per stage of the pipeline run
         "stages": cpu["stages"],
+        # MJPG: the same frames decoded at 1/8 to gray, the least a software decode of them costs (the
+        # entropy decoding of all their bytes): ratio_to_naive is the lowest cpu_ratio any decoder reaches
+        "decode_floor": cpu["decode_floor"],
         "pipeline_stages_ms": run["stages_ms"],
         "pipeline_cpu_ms": run["cpu_ms"],
         "naive": naive,

@@ -22,6 +22,7 @@ from firmware_app.device.devices import Devices
 from firmware_app.display.screen import Screen
 from firmware_app.display.sinks import display_classes, open_display, parse_display_uri
 from firmware_app.errors import BadDisplay
+from firmware_app.models.manifest import Manifest
 from firmware_app.models.store import ModelRef
 from firmware_app.pipeline import Pipeline, PipelineOptions
 from firmware_app.sinks import InputMonitor, LinkSink, PanelSink, WatchdogSink
@@ -122,14 +123,22 @@ def _announced(pipeline: Pipeline, notices: list[str]) -> Pipeline:
     return pipeline
 
 
+def decode_target(manifest: Manifest, image_area: tuple[int, int]) -> dict[str, Any]:
+    """What a grabber source must decode for ``manifest``'s model and a screen whose image area is
+    ``image_area`` (w, h): the model's input size, the area to fit, and colour, always: the clinician sees
+    the scanner's image (colour Doppler, coloured marks) even when the model reads gray. The arguments of
+    ``V4l2Source.set_decode_target``; the capture bench measures the very same."""
+    return {"size": (manifest.width, manifest.height), "fit": tuple(image_area), "gray": False}
+
+
 def decode_for(pipeline: Pipeline, model: ModelRef | None = None) -> None:
-    """Tell a source that can decode at a reduced scale (a grabber's MJPG/YUYV) what its consumers need:
-    the model's input and the screen's image area (colour kept: the clinician sees the scanner's image)."""
+    """Tell a source that can decode at a reduced scale (a grabber's MJPG/YUYV) what its consumers need
+    (``decode_target``)."""
     set_target = getattr(pipeline.source, "set_decode_target", None)
     if set_target is not None:
-        m = (model or pipeline.model).manifest
         area = pipeline.screen.image_region
-        set_target((m.width, m.height), fit=(area.w, area.h), gray=False)
+        target = decode_target((model or pipeline.model).manifest, (area.w, area.h))
+        set_target(target["size"], fit=target["fit"], gray=target["gray"])
 
 
 def compose_pipeline(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from firmware_app.cli import main
 
 FIELDS = {
@@ -53,3 +55,9 @@ def test_bench_json_has_every_contract_field(capsys, tmp_path, float_model_dir):
     for figures in result["render_ms"].values():
         assert set(figures) == {"wall", "cpu"}
         assert all(set(f) == {"p50", "p99"} and f["p50"] > 0 for f in figures.values())
+    # the pipeline with one model thread fewer: its own cost, apart from sharing the cores with the model
+    assert result["cpu_count"] >= 1
+    spare = result["spare_core"]
+    assert spare["threads"] == result["threads"] - 1
+    assert spare["bare_invoke_fps"] > 0 and spare["pipeline_fps"] > 0
+    assert spare["ratio"] == pytest.approx(spare["pipeline_fps"] / spare["bare_invoke_fps"], abs=2e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -96,6 +98,12 @@ def test_capture_bench_1080p_mjpg_reports_the_design_fields(tmp_path):
     for step in (*stages["ours"].values(), *stages["naive"].values()):
         assert set(step) == {"cpu", "wall"} and set(step["cpu"]) == {"p50", "p99"}
     assert stages["ours"]["decode"]["cpu"]["p50"] <= stages["ours"]["read"]["cpu"]["p99"]
+    # the screen gets colour as on a device (a gray model does not make the scanner's image gray), and
+    # the decode's floor (1/8, gray) is measured on the same frames, below both paths' decode
+    assert cap["decoded_gray"] is False
+    floor = cap["decode_floor"]
+    assert 0 < floor["cpu_ms_p50"] < stages["naive"]["decode"]["cpu"]["p50"]
+    assert floor["ratio_to_naive"] == pytest.approx(floor["cpu_ms_p50"] / cap["naive_cpu_ms_p50"], abs=2e-3)
     assert {"capture", "invoke", "e2e"} <= set(cap["pipeline_stages_ms"])
     assert "capture" in cap["pipeline_cpu_ms"]
     # the naive path on the same paced stream: its latency and the frames it could not take
@@ -111,3 +119,25 @@ def test_a_real_grabbers_frame_is_timed_from_its_driver_timestamp():
     assert arrival_ns(float("nan"), now) is None
     assert arrival_ns(now / 1e6 + 5, now) is None  # in the future: not the monotonic clock
     assert arrival_ns(now / 1e6 - 3000, now) is None  # 3 s old: another clock (or a stale buffer)
+
+
+def test_the_capture_bench_decodes_what_the_composer_asks_a_grabber_for():
+    from firmware_app.bench import decode_target_for
+    from firmware_app.config import load_board
+    from firmware_app.models.store import find_model
+    from firmware_app.pipeline import build_pipeline
+    from firmware_app.sources.grab import DecodeTarget
+
+    board, model = load_board(None), find_model("us-fluid-seg")
+    assert model.manifest.color == "gray"
+    cap = ReplayCapture.scanner("MJPG", 640, 360, fps=0, count=3, distinct=1)
+    fed = dataclasses.replace(board, source={**board.source, "capture": cap})
+    p = build_pipeline(fed, model, "v4l2:replay", ["null"], max_frames=1)
+    try:
+        src = p.source
+        assert isinstance(src, V4l2Source)
+        t = decode_target_for(board, model)
+        assert src.decode_target == DecodeTarget(t["size"], t["fit"], t["gray"])
+        assert src.decode_target.gray is False  # colour for the screen, whatever the model reads
+    finally:
+        p.close()

@@ -346,7 +346,9 @@ def _capture_source(cap, board, model: ModelRef):
 
     src = V4l2Source(f"v4l2:{cap.device}", cap, reconnect_s=0.05, profile=board.profile)
     target = decode_target_for(board, model)
-    src.set_decode_target(target["size"], fit=target["fit"], gray=target["gray"])
+    src.set_decode_target(
+        target["size"], fit=target["fit"], gray=target["gray"], gray_if_neutral=target["gray_if_neutral"]
+    )
     return src
 
 
@@ -358,13 +360,23 @@ class _TimedDecoder:
         self.cpu: list[float] = []
         self.wall: list[float] = []
 
-    def decode(self, data, k: int = 1, gray: bool = False):
+    @property
+    def has_planes(self) -> bool:
+        return self.decoder.has_planes
+
+    def _timed(self, fn, *args):
         w0, c0 = time.perf_counter_ns(), time.process_time_ns()
         try:
-            return self.decoder.decode(data, k, gray)
+            return fn(*args)
         finally:
             self.cpu.append((time.process_time_ns() - c0) / 1e6)
             self.wall.append((time.perf_counter_ns() - w0) / 1e6)
+
+    def decode(self, data, k: int = 1, gray: bool = False):
+        return self._timed(self.decoder.decode, data, k, gray)
+
+    def planes(self, data, k: int = 1):
+        return self._timed(self.decoder.planes, data, k)
 
 
 def _stage(cpu: list[float], wall: list[float]) -> dict[str, dict[str, float]]:

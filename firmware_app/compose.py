@@ -125,10 +125,16 @@ def _announced(pipeline: Pipeline, notices: list[str]) -> Pipeline:
 
 def decode_target(manifest: Manifest, image_area: tuple[int, int]) -> dict[str, Any]:
     """What a grabber source must decode for ``manifest``'s model and a screen whose image area is
-    ``image_area`` (w, h): the model's input size, the area to fit, and colour, always: the clinician sees
-    the scanner's image (colour Doppler, coloured marks) even when the model reads gray. The arguments of
+    ``image_area`` (w, h): the model's input size, the area to fit, and colour: the clinician sees the
+    scanner's image (colour Doppler, coloured marks) even when the model reads gray; for a gray model a
+    region without any colour may come gray (``grab.DecodeTarget.gray_if_neutral``). The arguments of
     ``V4l2Source.set_decode_target``; the capture bench measures the very same."""
-    return {"size": (manifest.width, manifest.height), "fit": tuple(image_area), "gray": False}
+    return {
+        "size": (manifest.width, manifest.height),
+        "fit": tuple(image_area),
+        "gray": False,
+        "gray_if_neutral": manifest.color == "gray",
+    }
 
 
 def decode_for(pipeline: Pipeline, model: ModelRef | None = None) -> None:
@@ -138,7 +144,9 @@ def decode_for(pipeline: Pipeline, model: ModelRef | None = None) -> None:
     if set_target is not None:
         area = pipeline.screen.image_region
         target = decode_target((model or pipeline.model).manifest, (area.w, area.h))
-        set_target(target["size"], fit=target["fit"], gray=target["gray"])
+        set_target(
+            target["size"], fit=target["fit"], gray=target["gray"], gray_if_neutral=target["gray_if_neutral"]
+        )
 
 
 def compose_pipeline(

@@ -98,9 +98,10 @@ def test_capture_bench_1080p_mjpg_reports_the_design_fields(tmp_path):
     for step in (*stages["ours"].values(), *stages["naive"].values()):
         assert set(step) == {"cpu", "wall"} and set(step["cpu"]) == {"p50", "p99"}
     assert stages["ours"]["decode"]["cpu"]["p50"] <= stages["ours"]["read"]["cpu"]["p99"]
-    # the screen gets colour as on a device (a gray model does not make the scanner's image gray), and
-    # the decode's floor (1/8, gray) is measured on the same frames, below both paths' decode
-    assert cap["decoded_gray"] is False
+    # as on a device, the screen's image is gray only because the scanner's picture has no colour in its
+    # imaging region (its chrome around it has); the decode's floor (1/8, gray) is measured on the same
+    # frames, below both paths' decode
+    assert cap["decoded_gray"] is True
     floor = cap["decode_floor"]
     assert 0 < floor["cpu_ms_p50"] < stages["naive"]["decode"]["cpu"]["p50"]
     assert floor["ratio_to_naive"] == pytest.approx(floor["cpu_ms_p50"] / cap["naive_cpu_ms_p50"], abs=2e-3)
@@ -137,7 +138,10 @@ def test_the_capture_bench_decodes_what_the_composer_asks_a_grabber_for():
         src = p.source
         assert isinstance(src, V4l2Source)
         t = decode_target_for(board, model)
-        assert src.decode_target == DecodeTarget(t["size"], t["fit"], t["gray"])
-        assert src.decode_target.gray is False  # colour for the screen, whatever the model reads
+        assert src.decode_target == DecodeTarget(
+            t["size"], t["fit"], t["gray"], gray_if_neutral=t["gray_if_neutral"]
+        )
+        # colour for the screen whatever the model reads; gray only where the picture has no colour
+        assert src.decode_target.gray is False and src.decode_target.gray_if_neutral is True
     finally:
         p.close()

@@ -9,7 +9,9 @@ import pytest
 from records_support import MODEL, seg_result
 from scanner_screens import Layout, ScannerScreen, frames
 
+from firmware_app.gate.descriptor import CHROMA_MIN
 from firmware_app.records.captures import CaptureStore, Recorder
+from firmware_app.sources import grab
 from firmware_app.sources.grab import (
     DecodeTarget,
     JpegDecoder,
@@ -229,3 +231,147 @@ def test_compose_tells_a_grabber_what_to_decode(float_model_dir):
     p.listeners.append(lambda frame, result: scales.append(int(frame.meta.get("decode_scale", 1))))
     p.run()
     assert scales and max(scales) >= 2  # once the region is found, never the full 1920x1080
+
+
+# -- a gray model: a region without colour comes gray ------------------------------------------------------
+def _spread(bgr: np.ndarray) -> np.ndarray:
+    b, g, r = (bgr[..., i].astype(int) for i in range(3))
+    return np.maximum(np.maximum(b, g), r) - np.minimum(np.minimum(b, g), r)
+
+
+@pytest.mark.parametrize("which", ["jpeg", "yuyv"])
+def test_the_colour_tables_are_the_conversions_own(which):
+    """Every chroma pair the table calls neutral converts to a pixel the gate does not count as coloured
+    (max - min of B, G, R <= 16) and every pair it calls coloured to one that is, but for a level of
+    rounding at the border; the NEUTRAL square is all neutral."""
+    u, v = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    luma = np.full((256, 256), 128, np.uint8)
+    if which == "jpeg":
+        table, square = grab.COLOURED_JPEG, grab.NEUTRAL_JPEG
+        bgr = cv2.cvtColor(cv2.merge([luma, v, u]), cv2.COLOR_YCrCb2BGR)
+    else:
+        table, square = grab.COLOURED_YUYV, grab.NEUTRAL_YUYV
+        pairs = np.stack([luma, u, luma, v], axis=2).reshape(256, 512, 2)
+        bgr = cv2.cvtColor(pairs, cv2.COLOR_YUV2BGR_YUYV)[:, ::2]
+    coloured = table.reshape(256, 256)
+    spread = _spread(bgr)
+    assert (spread[~coloured] <= CHROMA_MIN + 1).all() and (spread[coloured] >= CHROMA_MIN).all()
+    assert (coloured == (spread > CHROMA_MIN)).mean() > 0.99
+    near = slice(128 - square, 128 + square + 1)
+    assert not coloured[near, near].any()
+
+
+def _screen_with(paint, width=1920, height=1080):
+    """The scanner screen's frames with ``paint(img, (x, y, w, h))`` drawn inside its imaging region."""
+    screen = ScannerScreen(width, height, (0, Layout("phantom", (360, 90, 1200, 900), seed=3)))
+    out = []
+    for img in frames(screen, 90):
+        paint(img, screen.truth(0))
+        out.append(img)
+    return out
+
+
+def _no_paint(img, rect):
+    return None
+
+
+def _doppler(img, rect):  # a colour Doppler box in the middle of the fan
+    x, y, w, h = rect
+    cv2.ellipse(img, (x + w // 2, y + h // 2), (w // 10, h // 14), 0, 0, 360, (30, 30, 220), -1)
+    cv2.ellipse(img, (x + w // 2, y + h // 2 + h // 10), (w // 12, h // 16), 0, 0, 360, (220, 60, 20), -1)
+
+
+def _caliper(img, rect):  # a small yellow measuring mark
+    x, y, w, h = rect
+    cv2.drawMarker(img, (x + w // 3, y + h // 2), (0, 230, 230), cv2.MARKER_CROSS, 18, 2)
+
+
+def _faint_tint(img, rect):  # a dark blue-gray background, spread 10 (below the gate's 16)
+    x, y, w, h = rect
+    roi = img[y : y + h, x : x + w]
+    roi[roi.max(axis=2) < 12] = (28, 22, 18)
+
+
+def _tint(img, rect):  # a plain colour wash over the fan, spread 30
+    x, y, w, h = rect
+    roi = img[y : y + h, x : x + w].astype(np.int16)
+    roi[..., 0] += 15
+    roi[..., 2] -= 15
+    img[y : y + h, x : x + w] = np.clip(roi, 0, 255).astype(np.uint8)
+
+
+def _read_last(cap, backend="auto", gray_if_neutral=True):
+    src = V4l2Source("v4l2:0", cap)
+    if backend != "auto":
+        src._decoder = JpegDecoder(backend)
+    src.set_decode_target((128, 128), fit=(560, 422), gray_if_neutral=gray_if_neutral)
+    src.open()
+    f = None
+    for _ in range(len(cap.frames)):
+        f = src.read()
+    src.close()
+    assert f is not None and f.meta["region_from"] == "detected"
+    return f
+
+
+SOURCES = [
+    pytest.param("YUYV", "auto", id="yuyv"),
+    pytest.param("MJPG", "opencv", id="mjpg-opencv"),
+    pytest.param("MJPG", "turbojpeg", id="mjpg-turbojpeg", marks=DECODERS[1].marks),
+]
+
+
+@pytest.mark.parametrize("fourcc, backend", SOURCES)
+@pytest.mark.parametrize(
+    "paint, colour",
+    [(_no_paint, False), (_faint_tint, False), (_doppler, True), (_caliper, True), (_tint, True)],
+)
+def test_a_gray_models_region_comes_gray_only_when_nothing_in_it_is_coloured(fourcc, backend, paint, colour):
+    cap = ReplayCapture(_screen_with(paint), fourcc=fourcc)
+    f = _read_last(cap, backend)
+    assert f.pixels.ndim == (3 if colour else 2), (paint.__name__, f.pixels.shape)
+    k = f.meta["decode_scale"]
+    x, y, w, h = f.meta["imaging_region"]
+    assert abs(f.pixels.shape[1] - w / k) <= 1 and abs(f.pixels.shape[0] - h / k) <= 1
+    # the same picture as decoding it all and cutting the region: exactly, but for the colour that
+    # libjpeg-turbo's planes bring at the JPEG's own chroma resolution (its decode to B, G, R at 1/2
+    # sharpens the chroma to the luma's)
+    last = cap.frames[-1]
+    if fourcc == "YUYV":
+        whole = yuyv_frame(last, 1920, 1080, k, gray=not colour)
+    elif backend == "turbojpeg" and not colour:
+        whole = JpegDecoder(backend).decode(last, k, gray=True)
+    else:
+        whole = JpegDecoder(backend).decode(last, k)
+    size = (whole.shape[1], whole.shape[0])
+    rx, ry, rw, rh = scale_rect_in((x, y, w, h), k, size)
+    ref = whole[ry : ry + rh, rx : rx + rw]
+    if ref.ndim == 3 and not colour:
+        ref = cv2.cvtColor(ref, cv2.COLOR_BGR2GRAY)
+    if fourcc == "MJPG" and backend == "turbojpeg" and colour:
+        diff = np.abs(f.pixels.astype(int) - ref)
+        assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 4, (diff.mean(), np.percentile(diff, 99))
+    else:
+        np.testing.assert_array_equal(f.pixels, ref)
+    if colour and paint is _doppler:  # the colour is there, in the middle of the picture
+        assert _spread(f.pixels).max() > 100
+    # a capture of it is the region at full resolution, gray or colour as shown
+    full, _ = full_resolution(f)
+    assert full.shape[:2] == (h, w) and full.ndim == f.pixels.ndim
+
+
+@pytest.mark.parametrize("fourcc", ["MJPG", "YUYV"])
+def test_a_colour_model_gets_colour_even_from_a_gray_picture(fourcc):
+    f = _read_last(ReplayCapture(_screen_with(_no_paint), fourcc=fourcc), gray_if_neutral=False)
+    assert f.pixels.ndim == 3
+
+
+def test_yuyv_gray_is_the_full_range_gray_of_the_colour_conversion():
+    img = screen_1080().render(3)[:720, :1280]
+    yuyv = bgr_to_yuyv(cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR))
+    for k in (1, 2):
+        gray = yuyv_frame(yuyv, 1280, 720, k, gray=True)
+        colour = yuyv_frame(yuyv, 1280, 720, k)
+        # every k-th pixel pair's first pixel is also every 2k-th pixel of the gray picture
+        np.testing.assert_array_equal(gray[:, ::2], cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)[:, ::2])
+    assert gray.min() == 0 and gray.max() > 200  # studio range (16..235) brought to full range

@@ -18,7 +18,7 @@ floor (``model.SD_FLOOR``) means the same for all of them:
 - gradient-magnitude histogram at 1/2 resolution: 9 log-spaced bins (0, 1, 2-3, 4-7, ... 128+), square root;
 - coarse spatial layout: a 4x4 grid of mean brightness (/255) and a 4x4 grid of ``log1p`` gradient
   magnitude (the fan or the thorax outline, where the texture is);
-- colour: mean chroma (max - min of B, G, R; /255) and the fraction of pixels with chroma above 16
+- colour: mean chroma (max - min of B, G, R; /255) and the fraction of pixels with chroma above ``CHROMA_MIN`` (16)
   (a gray-only model that meets colour Doppler, a photo, a colour test pattern); 0 for a gray frame.
 
 ``BLANK_STD``: a working image whose gray levels have a standard deviation below it carries no picture
@@ -39,7 +39,7 @@ _MAX_DIRECT = 4  # up to this many times the working size, one box average; abov
 _GRAD_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LEVELS = 4
 _GRID = 4
-_CHROMA_MIN = 16
+CHROMA_MIN = 16  # a pixel is coloured when max - min of its B, G, R exceeds this (gray levels)
 
 FEATURE_NAMES: tuple[str, ...] = (
     tuple(f"hist_{i:02d}" for i in range(16))
@@ -211,7 +211,7 @@ def describe_working(work: np.ndarray) -> tuple[np.ndarray, float]:
         b, g, r = cv2.split(half)  # OpenCV per-channel max/min: ~10x faster than numpy over axis 2
         chroma = cv2.subtract(cv2.max(cv2.max(b, g), r), cv2.min(cv2.min(b, g), r))
         vec[_CHROMA] = float(cv2.mean(chroma)[0]) / 255.0
-        vec[_CHROMA + 1] = cv2.countNonZero(cv2.compare(chroma, _CHROMA_MIN, cv2.CMP_GT)) / chroma.size
+        vec[_CHROMA + 1] = cv2.countNonZero(cv2.compare(chroma, CHROMA_MIN, cv2.CMP_GT)) / chroma.size
     else:
         gray = work
         vec[_CHROMA:] = 0.0

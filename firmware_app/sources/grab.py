@@ -11,6 +11,15 @@ the smallest DCT scale 1/k (k in ``SCALES``) that still covers what the consumer
   ``IMREAD_REDUCED_GRAYSCALE_k``); gray output for gray models;
 - YUYV: every k-th row and every k-th pixel pair, converted alone (the luma alone for gray).
 
+For a gray model (``DecodeTarget.gray_if_neutral``) a picture whose imaging region holds no coloured
+pixel is passed on gray: the input gate and the pre-processing then read one channel, not three, and the
+screen shows the picture without the faint tint, if any, that a dark background may have. A pixel is
+coloured as the input gate counts colour (max - min of its B, G, R above ``CHROMA_MIN``); the test is made
+where it is cheapest: on a JPEG's chroma planes (libjpeg-turbo decodes straight to Y, Cb, Cr;
+``COLOURED_JPEG``), on YUYV's U and V bytes (``COLOURED_YUYV``), or on the decoded B, G, R (OpenCV's
+decoder). A region with colour in it (colour Doppler, a coloured mark) comes in colour, converted for the
+region alone (from the planes: its chroma at the JPEG's own resolution, as 4:2:0 video shows it).
+
 A frame decoded at 1/k says so: ``meta["decode_scale"] = k``; ``meta["full_size"]`` stays the grabber's
 size and ``meta["imaging_region"]`` stays in the grabber's (source) pixels: a source pixel (x, y) is at
 (x / k, y / k) in the frame. ``meta["original"]`` is the grabber's buffer of that frame (``Original``: the
@@ -30,6 +39,7 @@ import cv2
 import numpy as np
 
 from firmware_app.errors import BadFrame
+from firmware_app.gate.descriptor import CHROMA_MIN
 from firmware_app.sources.profile import Rect, SourceProfile
 from firmware_app.types import Box, Frame, Result
 
@@ -46,6 +56,28 @@ CV_REDUCED = {  # (k, gray) -> cv2.imdecode flag: decode at 1/k
     (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
     (1, True): cv2.IMREAD_GRAYSCALE,
 }
+# Whether chroma (u, v) makes a pixel coloured (max - min of its B, G, R above CHROMA_MIN) depends on
+# (u, v) alone: B, G, R are the luma plus a linear function of u - 128 and v - 128 (clipping at black or
+# white only makes the spread smaller, so a table that ignores it never passes colour as gray). A table per
+# conversion, indexed by (u << 8) | v: a JPEG's full-range chroma (JFIF: R = Y + 1.402 dCr, G = Y - 0.344
+# dCb - 0.714 dCr, B = Y + 1.772 dCb), YUYV's studio-range U, V as OpenCV converts them (R = Y' + 1.596 dV,
+# G = Y' - 0.391 dU - 0.813 dV, B = Y' + 2.018 dU). Every (u, v) within +-NEUTRAL of 128 is below it (the
+# spread is largest at a corner of that square: 3.17 * 5 and 3.61 * 4 < 16): the common case is two
+# minMaxLoc calls and no table look-up. tests/test_grab.py checks the tables against the conversions.
+
+
+def _coloured_table(r_v: float, g_u: float, g_v: float, b_u: float) -> np.ndarray:
+    d = np.arange(256, dtype=np.float64) - 128.0
+    du, dv = np.meshgrid(d, d, indexing="ij")
+    r, g, b = r_v * dv, -(g_u * du + g_v * dv), b_u * du
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return (spread > CHROMA_MIN).ravel()
+
+
+COLOURED_JPEG = _coloured_table(1.402, 0.344136, 0.714136, 1.772)
+COLOURED_YUYV = _coloured_table(1.596, 0.391, 0.813, 2.018)
+NEUTRAL_JPEG = 5
+NEUTRAL_YUYV = 4
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -57,14 +89,16 @@ class DecodeTarget:
     least that on both sides. ``fit`` (w, h): the region is shown inside it with its aspect kept (the
     screen's image area): the decoded region must not be smaller than the picture shown, give or take
     ``slack`` (0.1: the screen may stretch it by up to 1.1x, which a 7" screen does not show; the model's
-    input is never stretched). ``gray``: only gray pixels are needed (a gray model, no colour on screen).
-    None for both: full size.
+    input is never stretched). ``gray``: only gray pixels are needed (no colour on screen either).
+    ``gray_if_neutral``: a picture is passed on gray when its imaging region has no coloured pixel (a
+    gray model; the screen keeps any colour there is). None for both sizes: full size.
     """
 
     size: tuple[int, int] | None = None
     fit: tuple[int, int] | None = None
     gray: bool = False
     slack: float = 0.1
+    gray_if_neutral: bool = False
 
     def scale_for(self, region_w: int, region_h: int) -> int:
         """The largest k in SCALES at which a ``region_w`` x ``region_h`` region still covers the target."""
@@ -152,6 +186,24 @@ class JpegDecoder:
                 log.info("MJPG: PyTurboJPEG not usable (%s); OpenCV's reduced decode is used", exc)
         self.name = "turbojpeg" if self._tj is not None else "opencv"
 
+    @property
+    def has_planes(self) -> bool:
+        """Whether ``planes`` works (libjpeg-turbo's decode to Y, Cb, Cr)."""
+        return self._tj is not None
+
+    def planes(self, data: Any, k: int = 1) -> list[np.ndarray]:
+        """``data`` decoded at 1/k to its planes as libjpeg-turbo keeps them: [Y] for a gray JPEG, else
+        [Y, Cb, Cr], the chroma at the JPEG's own subsampling; a plane may be a few pixels wider or taller
+        than the picture (padded to the subsampling)."""
+        buf = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+        try:
+            planes = self._tj.decode_to_yuv_planes(buf, scaling_factor=(1, k) if k != 1 else None)
+        except (OSError, ValueError) as exc:
+            raise BadFrame(f"MJPG frame skipped: {exc}") from None
+        if not planes:
+            raise BadFrame("MJPG frame skipped: the JPEG does not decode")
+        return planes
+
     def decode(self, data: Any, k: int = 1, gray: bool = False) -> np.ndarray:
         """``data`` (JPEG bytes or a uint8 buffer) decoded at 1/k: BGR HxWx3, or HxW when ``gray``."""
         buf = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
@@ -173,27 +225,107 @@ class JpegDecoder:
         return img
 
 
+def neutral_bgr(pixels: np.ndarray) -> bool:
+    """No pixel of BGR ``pixels`` is coloured (max - min of B, G, R above CHROMA_MIN)."""
+    b, g, r = cv2.split(pixels)
+    spread = cv2.subtract(cv2.max(cv2.max(b, g), r), cv2.min(cv2.min(b, g), r))
+    return cv2.minMaxLoc(spread)[1] <= CHROMA_MIN
+
+
+def _within(plane: np.ndarray, tol: int) -> bool:
+    lo, hi = cv2.minMaxLoc(plane)[:2]
+    return 128 - tol <= lo and hi <= 128 + tol
+
+
+def coloured(u: np.ndarray, v: np.ndarray, table: np.ndarray, neutral: int) -> bool:
+    """Whether any chroma pair (u, v) of two same-shaped uint8 planes makes a coloured pixel (``table``:
+    COLOURED_JPEG or COLOURED_YUYV; ``neutral``: its NEUTRAL square, tested first)."""
+    if _within(u, neutral) and _within(v, neutral):
+        return False
+    index = u.astype(np.uint16) << 8
+    index |= v
+    return bool(table[index].any())
+
+
+def jpeg_part(planes: list[np.ndarray], size: tuple[int, int], rect: Rect, k: int):
+    """The imaging region ``rect`` (source pixels) of a JPEG decoded at 1/k to its ``planes`` (a
+    ``size`` picture at 1/k): its luma when none of its chroma pairs makes a coloured pixel
+    (COLOURED_JPEG; or the JPEG is gray), else its B, G, R converted from the planes for the region alone -> (pixels, origin), as
+    ``yuyv_part``: ``origin`` the part's corner in source pixels, or (0, 0) with the whole luma."""
+    w, h = size
+    luma = planes[0][:h, :w]
+    if len(planes) == 1:
+        return luma, (0, 0)
+    x0, y0, rw, rh = scale_rect_out(rect, k)
+    x0, y0 = max(0, x0), max(0, y0)
+    x1, y1 = min(w, x0 + rw), min(h, y0 + rh)
+    cb, cr = planes[1], planes[2]
+    fy, fx = planes[0].shape[0] // cb.shape[0], planes[0].shape[1] // cb.shape[1]
+    cy0, cx0, cy1, cx1 = y0 // fy, x0 // fx, -(-y1 // fy), -(-x1 // fx)
+    if not coloured(cb[cy0:cy1, cx0:cx1], cr[cy0:cy1, cx0:cx1], COLOURED_JPEG, NEUTRAL_JPEG):
+        return luma, (0, 0)
+    # colour: the chroma of the region and one sample around it, brought to the luma's grid (libjpeg's
+    # centred siting: a bilinear 2x is its "fancy" upsampling), cut to the region, converted
+    my0, mx0 = max(cy0 - 1, 0), max(cx0 - 1, 0)
+    my1, mx1 = min(cy1 + 1, cb.shape[0]), min(cx1 + 1, cb.shape[1])
+
+    def grid(c: np.ndarray) -> np.ndarray:
+        block = c[my0:my1, mx0:mx1]
+        if fx != 1 or fy != 1:
+            block = cv2.resize(
+                block, (block.shape[1] * fx, block.shape[0] * fy), interpolation=cv2.INTER_LINEAR
+            )
+        oy, ox = y0 - my0 * fy, x0 - mx0 * fx
+        return block[oy : oy + y1 - y0, ox : ox + x1 - x0]
+
+    ycrcb = cv2.merge([np.ascontiguousarray(luma[y0:y1, x0:x1]), grid(cr), grid(cb)])
+    return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR), (x0 * k, y0 * k)
+
+
 def yuyv_frame(data: Any, width: int, height: int, k: int = 1, gray: bool = False) -> np.ndarray:
     """Packed YUYV (Y0 U Y1 V per pixel pair) of a ``width`` x ``height`` picture at 1/k: every k-th row
-    and every k-th pixel pair converted alone (BGR), or every k-th luma sample (``gray``)."""
+    and every k-th pixel pair converted alone (BGR), or every k-th luma sample (``gray``, brought from
+    the grabber's studio range to full range as the BGR conversion does it)."""
     return yuyv_part(data, width, height, (0, 0, width, height), k, gray)[0]
 
 
-def yuyv_part(data: Any, width: int, height: int, rect: Rect, k: int = 1, gray: bool = False):
+def _studio_luma() -> np.ndarray:
+    """The gray level OpenCV's YUYV -> BGR conversion gives each luma byte of a pixel without colour."""
+    y = np.arange(256, dtype=np.uint8)
+    pairs = np.stack([y, np.full(256, 128, np.uint8)], axis=1).reshape(1, 256, 2)
+    return np.ascontiguousarray(cv2.cvtColor(pairs, cv2.COLOR_YUV2BGR_YUYV)[0, :, 1])
+
+
+STUDIO_LUMA = _studio_luma()
+
+
+def yuyv_part(
+    data: Any,
+    width: int,
+    height: int,
+    rect: Rect,
+    k: int = 1,
+    gray: bool = False,
+    gray_if_neutral: bool = False,
+):
     """Only the part of a ``width`` x ``height`` YUYV picture that covers ``rect`` (source pixels),
     converted at 1/k as ``yuyv_frame`` converts the whole picture: -> (pixels, origin), ``origin`` the
     part's top-left corner in source pixels (a multiple of 2k across, of k down), so that the part is
-    exactly the whole picture's conversion cut at (origin / k)."""
+    exactly the whole picture's conversion cut at (origin / k). ``gray_if_neutral``: the part's luma
+    (as ``gray``) when none of its U, V pairs makes a coloured pixel (COLOURED_YUYV)."""
     buf = _yuyv_buffer(data, width, height)
     x, y, w, h = rect
     step = 2 * k
     x0, y0 = max(0, x) // step * step, max(0, y) // k * k
     x1 = min(width, -(-(x + w) // step) * step)
     y1 = min(height, -(-(y + h) // k) * k)
+    sub = buf.reshape(height, width // 2, 4)[y0:y1:k, x0 // 2 : x1 // 2 : k]
+    if not gray and gray_if_neutral:
+        gray = not coloured(sub[..., 1], sub[..., 3], COLOURED_YUYV, NEUTRAL_YUYV)
     if gray:
         luma = buf.reshape(height, width, 2)[y0:y1:k, x0:x1:k, 0]
-        return np.ascontiguousarray(luma), (x0, y0)
-    sub = np.ascontiguousarray(buf.reshape(height, width // 2, 4)[y0:y1:k, x0 // 2 : x1 // 2 : k])
+        return cv2.LUT(np.ascontiguousarray(luma), STUDIO_LUMA), (x0, y0)
+    sub = np.ascontiguousarray(sub)
     h2, n = sub.shape[:2]
     return cv2.cvtColor(sub.reshape(h2, n * 2, 2), cv2.COLOR_YUV2BGR_YUYV), (x0, y0)
 

@@ -35,7 +35,10 @@ from firmware_app.sources.grab import (
     JpegDecoder,
     Original,
     bgr_to_yuyv,
+    jpeg_part,
     jpeg_size,
+    neutral_bgr,
+    scale_rect_out,
     scaled_size,
     yuyv_frame,
     yuyv_luma,
@@ -268,17 +271,24 @@ class V4l2Source(Source):
         self._decoder: JpegDecoder | None = None
 
     def set_decode_target(
-        self, size: tuple[int, int] | None = None, *, fit: tuple[int, int] | None = None, gray: bool = False
+        self,
+        size: tuple[int, int] | None = None,
+        *,
+        fit: tuple[int, int] | None = None,
+        gray: bool = False,
+        gray_if_neutral: bool = False,
     ) -> None:
         """What the consumers need of the imaging region (``grab.DecodeTarget``): ``size`` (w, h) the
         region is stretched to (the model's input), ``fit`` (w, h) it is shown inside with its aspect kept
-        (the screen's image area), ``gray`` when colour is not needed. A grabber's MJPG or YUYV frame is
-        then decoded at the smallest scale (1/2, 1/4, 1/8) that covers both; None (the default): full
-        size. Takes effect from the next frame."""
+        (the screen's image area), ``gray`` when colour is not needed, ``gray_if_neutral`` when a region
+        without colour may come gray (a gray model). A grabber's MJPG or YUYV frame is then decoded at the
+        smallest scale (1/2, 1/4, 1/8) that covers both sizes; None (the default): full size. Takes effect
+        from the next frame."""
         self.decode_target = DecodeTarget(
             tuple(int(v) for v in size) if size is not None else None,  # type: ignore[arg-type]
             tuple(int(v) for v in fit) if fit is not None else None,  # type: ignore[arg-type]
             bool(gray),
+            gray_if_neutral=bool(gray_if_neutral),
         )
 
     @property
@@ -301,12 +311,17 @@ class V4l2Source(Source):
         return 1
 
     def _decode(self, buf: np.ndarray, t: int, meta: dict[str, Any]) -> Frame:
-        """A grabber's raw buffer -> the frame, decoded at the scale needed."""
+        """A grabber's raw buffer -> the frame, decoded at the scale needed (gray when that is enough)."""
         fourcc = str(self.capture.fourcc)
-        gray = self.decode_target.gray
+        target = self.decode_target
+        gray = target.gray
         if fourcc == "MJPG":
             size = jpeg_size(buf)
             k = self.decode_scale(*size)
+            if self.raw_tap is None and target.gray_if_neutral and not gray:
+                if self.decoder.has_planes:
+                    return self._jpeg_part(buf, size, k, t, meta)
+                return self._bgr_part(self.decoder.decode(buf, k), fourcc, buf, size, k, t, meta)
             img = self.decoder.decode(buf, k, gray)
         else:
             size = (int(self.capture.width), int(self.capture.height))
@@ -314,33 +329,68 @@ class V4l2Source(Source):
                 return self._yuyv_part(buf, size, gray, t, meta)
             k = self.decode_scale(*size)
             img = yuyv_frame(buf, *size, k, gray)
-        if (img.shape[1], img.shape[0]) != scaled_size(*size, k):
-            raise BadFrame(f"{self.uri}: frame skipped: {fourcc} decoded to {img.shape[1]}x{img.shape[0]}")
+        self._check_size(img, fourcc, size, k)
         frame = self.make_frame(
             img, meta, t_capture_ns=t, decode_scale=k, full_size=size, detect_scale=self._detect_scale(*size)
         )
-        rect = tuple(int(v) for v in frame.meta["imaging_region"])
-        profile = self.profile
-        original = Original(fourcc, buf, size, rect, profile, self.decoder)  # type: ignore[arg-type]
+        return self._keep_original(frame, fourcc, buf, size)
+
+    def _check_size(self, img: np.ndarray, fourcc: str, size: tuple[int, int], k: int) -> None:
+        if (img.shape[1], img.shape[0]) != scaled_size(*size, k):
+            raise BadFrame(f"{self.uri}: frame skipped: {fourcc} decoded to {img.shape[1]}x{img.shape[0]}")
+
+    def _keep_original(self, frame: Frame, fourcc: str, buf: np.ndarray, size: tuple[int, int]) -> Frame:
+        """``frame`` with its grabber buffer (``meta["original"]``): a capture decodes it at full size."""
+        region = tuple(int(v) for v in frame.meta["imaging_region"])
+        decoder = self.decoder if fourcc == "MJPG" else None
+        original = Original(fourcc, buf, size, region, self.profile, decoder)  # type: ignore[arg-type]
         frame.meta["original"] = original  # type: ignore[index]
         return frame
+
+    def _part_frame(self, img, origin, fourcc, buf, size, k, t, meta) -> Frame:
+        frame = self.make_frame(
+            img, meta, t_capture_ns=t, decode_scale=k, full_size=size, origin=origin, watched=True
+        )
+        return self._keep_original(frame, fourcc, buf, size)
+
+    def _jpeg_part(
+        self, buf: np.ndarray, size: tuple[int, int], k: int, t: int, meta: dict[str, Any]
+    ) -> Frame:
+        """An MJPG frame for a gray model, decoded to its planes: the region detector watches the luma,
+        and the imaging region comes as its luma unless its chroma has colour (``grab.jpeg_part``)."""
+        planes = self.decoder.planes(buf, k)
+        w, h = scaled_size(*size, k)
+        if planes[0].shape[0] < h or planes[0].shape[1] < w:
+            raise BadFrame(
+                f"{self.uri}: frame skipped: MJPG decoded to {planes[0].shape[1]}x{planes[0].shape[0]}"
+            )
+        self.watch_region(planes[0][:h, :w], k, self._detect_scale(*size))
+        img, origin = jpeg_part(planes, (w, h), self.imaging_region(*size).rect, k)
+        return self._part_frame(img, origin, "MJPG", buf, size, k, t, meta)
+
+    def _bgr_part(self, img, fourcc, buf, size, k, t, meta) -> Frame:
+        """A frame decoded to B, G, R for a gray model (OpenCV's decoder): the region detector watches the
+        whole picture, and the imaging region is passed on gray when none of its pixels is coloured."""
+        self._check_size(img, fourcc, size, k)
+        self.watch_region(img, k, self._detect_scale(*size))
+        x0, y0, rw, rh = scale_rect_out(self.imaging_region(*size).rect, k)
+        x0, y0 = max(0, x0), max(0, y0)
+        part = img[y0 : y0 + rh, x0 : x0 + rw]
+        if neutral_bgr(part):
+            part = cv2.cvtColor(part, cv2.COLOR_BGR2GRAY)
+        return self._part_frame(part, (x0 * k, y0 * k), fourcc, buf, size, k, t, meta)
 
     def _yuyv_part(
         self, buf: np.ndarray, size: tuple[int, int], gray: bool, t: int, meta: dict[str, Any]
     ) -> Frame:
         """A YUYV frame: the region detector watches its luma as it lies in the buffer (no conversion),
-        then only the imaging region's rows and pixel pairs are converted, at the scale needed."""
+        then only the imaging region's rows and pixel pairs are converted, at the scale needed (its luma
+        alone when that is enough)."""
         self.watch_region(yuyv_luma(buf, *size), 1, self._detect_scale(*size))
         k = self.decode_scale(*size)
         rect = self.imaging_region(*size).rect
-        img, origin = yuyv_part(buf, *size, rect, k, gray)
-        frame = self.make_frame(
-            img, meta, t_capture_ns=t, decode_scale=k, full_size=size, origin=origin, watched=True
-        )
-        region = tuple(int(v) for v in frame.meta["imaging_region"])
-        original = Original("YUYV", buf, size, region, self.profile)  # type: ignore[arg-type]
-        frame.meta["original"] = original  # type: ignore[index]
-        return frame
+        img, origin = yuyv_part(buf, *size, rect, k, gray, self.decode_target.gray_if_neutral)
+        return self._part_frame(img, origin, "YUYV", buf, size, k, t, meta)
 
     @classmethod
     def from_uri(cls, uri, target, params, *, profile, options: dict[str, Any]) -> V4l2Source:

@@ -247,10 +247,10 @@ def test_the_colour_tables_are_the_conversions_own(which):
     u, v = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
     luma = np.full((256, 256), 128, np.uint8)
     if which == "jpeg":
-        table, square = grab.COLOURED_JPEG, grab.NEUTRAL_JPEG
+        table, square, sure = grab.COLOURED_JPEG, grab.NEUTRAL_JPEG, grab.SURE_JPEG
         bgr = cv2.cvtColor(cv2.merge([luma, v, u]), cv2.COLOR_YCrCb2BGR)
     else:
-        table, square = grab.COLOURED_YUYV, grab.NEUTRAL_YUYV
+        table, square, sure = grab.COLOURED_YUYV, grab.NEUTRAL_YUYV, grab.SURE_YUYV
         pairs = np.stack([luma, u, luma, v], axis=2).reshape(256, 512, 2)
         bgr = cv2.cvtColor(pairs, cv2.COLOR_YUV2BGR_YUYV)[:, ::2]
     coloured = table.reshape(256, 256)
@@ -259,6 +259,13 @@ def test_the_colour_tables_are_the_conversions_own(which):
     assert (coloured == (spread > CHROMA_MIN)).mean() > 0.99
     near = slice(128 - square, 128 + square + 1)
     assert not coloured[near, near].any()
+    far = np.maximum(np.abs(u.astype(int) - 128), np.abs(v.astype(int) - 128)) >= sure
+    assert coloured[far].all() and (spread[far] > CHROMA_MIN).all()
+    # the check itself: a plane pair with one pixel in between is decided by the table
+    for cu, cv in ((128 + square + 1, 128), (128 + sure - 1, 128 + sure - 1), (128 - square - 1, 128 + 1)):
+        pu, pv = np.full((40, 30), 128, np.uint8), np.full((40, 30), 128, np.uint8)
+        pu[7, 9], pv[7, 9] = cu, cv
+        assert grab.coloured(pu, pv, table, square, sure) == bool(coloured[cu, cv])
 
 
 def _screen_with(paint, width=1920, height=1080):

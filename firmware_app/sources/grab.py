@@ -62,8 +62,11 @@ CV_REDUCED = {  # (k, gray) -> cv2.imdecode flag: decode at 1/k
 # conversion, indexed by (u << 8) | v: a JPEG's full-range chroma (JFIF: R = Y + 1.402 dCr, G = Y - 0.344
 # dCb - 0.714 dCr, B = Y + 1.772 dCb), YUYV's studio-range U, V as OpenCV converts them (R = Y' + 1.596 dV,
 # G = Y' - 0.391 dU - 0.813 dV, B = Y' + 2.018 dU). Every (u, v) within +-NEUTRAL of 128 is below it (the
-# spread is largest at a corner of that square: 3.17 * 5 and 3.61 * 4 < 16): the common case is two
-# minMaxLoc calls and no table look-up. tests/test_grab.py checks the tables against the conversions.
+# spread is largest at a corner of that square: 3.17 * 5 and 3.61 * 4 < 16) and every one with u or v
+# SURE or more from 128 above it (the spread is smallest with the other at 128: 2.12 * 9 and 2.41 * 8,
+# 19 levels, more than 16 after the conversions' rounding): two minMaxLoc calls decide most pictures, and
+# the table is looked up for the pixels in between alone.
+# tests/test_grab.py checks the tables and both bounds against the conversions.
 
 
 def _coloured_table(r_v: float, g_u: float, g_v: float, b_u: float) -> np.ndarray:
@@ -76,8 +79,8 @@ def _coloured_table(r_v: float, g_u: float, g_v: float, b_u: float) -> np.ndarra
 
 COLOURED_JPEG = _coloured_table(1.402, 0.344136, 0.714136, 1.772)
 COLOURED_YUYV = _coloured_table(1.596, 0.391, 0.813, 2.018)
-NEUTRAL_JPEG = 5
-NEUTRAL_YUYV = 4
+NEUTRAL_JPEG, SURE_JPEG = 5, 9
+NEUTRAL_YUYV, SURE_YUYV = 4, 8
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -232,18 +235,29 @@ def neutral_bgr(pixels: np.ndarray) -> bool:
     return cv2.minMaxLoc(spread)[1] <= CHROMA_MIN
 
 
-def _within(plane: np.ndarray, tol: int) -> bool:
+def _deviation(plane: np.ndarray) -> float:
     lo, hi = cv2.minMaxLoc(plane)[:2]
-    return 128 - tol <= lo and hi <= 128 + tol
+    return max(128 - lo, hi - 128)
 
 
-def coloured(u: np.ndarray, v: np.ndarray, table: np.ndarray, neutral: int) -> bool:
+def coloured(u: np.ndarray, v: np.ndarray, table: np.ndarray, neutral: int, sure: int) -> bool:
     """Whether any chroma pair (u, v) of two same-shaped uint8 planes makes a coloured pixel (``table``:
-    COLOURED_JPEG or COLOURED_YUYV; ``neutral``: its NEUTRAL square, tested first)."""
-    if _within(u, neutral) and _within(v, neutral):
+    COLOURED_JPEG or COLOURED_YUYV with its NEUTRAL and SURE bounds, see above)."""
+    dev = max(_deviation(u), _deviation(v))
+    if dev <= neutral:
         return False
-    index = u.astype(np.uint16) << 8
-    index |= v
+    if dev >= sure:
+        return True
+    between = cv2.bitwise_or(
+        cv2.compare(cv2.absdiff(u, 128), neutral, cv2.CMP_GT),
+        cv2.compare(cv2.absdiff(v, 128), neutral, cv2.CMP_GT),
+    )
+    at = cv2.findNonZero(between)  # (x, y) of each pixel in between
+    if at is None:
+        return False
+    xs, ys = at.reshape(-1, 2).T
+    index = u[ys, xs].astype(np.uint16) << 8
+    index |= v[ys, xs]
     return bool(table[index].any())
 
 
@@ -262,7 +276,7 @@ def jpeg_part(planes: list[np.ndarray], size: tuple[int, int], rect: Rect, k: in
     cb, cr = planes[1], planes[2]
     fy, fx = planes[0].shape[0] // cb.shape[0], planes[0].shape[1] // cb.shape[1]
     cy0, cx0, cy1, cx1 = y0 // fy, x0 // fx, -(-y1 // fy), -(-x1 // fx)
-    if not coloured(cb[cy0:cy1, cx0:cx1], cr[cy0:cy1, cx0:cx1], COLOURED_JPEG, NEUTRAL_JPEG):
+    if not coloured(cb[cy0:cy1, cx0:cx1], cr[cy0:cy1, cx0:cx1], COLOURED_JPEG, NEUTRAL_JPEG, SURE_JPEG):
         return luma, (0, 0)
     # colour: the chroma of the region and one sample around it, brought to the luma's grid (libjpeg's
     # centred siting: a bilinear 2x is its "fancy" upsampling), cut to the region, converted
@@ -321,7 +335,7 @@ def yuyv_part(
     y1 = min(height, -(-(y + h) // k) * k)
     sub = buf.reshape(height, width // 2, 4)[y0:y1:k, x0 // 2 : x1 // 2 : k]
     if not gray and gray_if_neutral:
-        gray = not coloured(sub[..., 1], sub[..., 3], COLOURED_YUYV, NEUTRAL_YUYV)
+        gray = not coloured(sub[..., 1], sub[..., 3], COLOURED_YUYV, NEUTRAL_YUYV, SURE_YUYV)
     if gray:
         luma = buf.reshape(height, width, 2)[y0:y1:k, x0:x1:k, 0]
         return cv2.LUT(np.ascontiguousarray(luma), STUDIO_LUMA), (x0, y0)

@@ -521,7 +521,13 @@ def capture_pipeline(board, model: ModelRef, cap, engine_cache: str | None = Non
     p = build_pipeline(b, model, f"v4l2:{cap.device}", ["null"], engine_cache=engine_cache)
     p.options.score_truth = False  # (the composer has told the source what to decode: decode_for)
     scales: list[int] = []
-    p.listeners.append(lambda frame, result: scales.append(int(frame.meta.get("decode_scale", 1))))
+    findings = [0]
+
+    def seen(frame, result) -> None:
+        scales.append(int(frame.meta.get("decode_scale", 1)))
+        findings[0] += result.state == "finding"
+
+    p.listeners.append(seen)
 
     def stop_at_the_end() -> None:
         # after n frames the stream ends as a file would (the next read() returns None); the capture has
@@ -545,6 +551,7 @@ def capture_pipeline(board, model: ModelRef, cap, engine_cache: str | None = Non
         "e2e_latency_ms": _pct(e2e) if e2e else None,
         "p99_drift": round(drift, 3) if drift is not None else None,
         "mismatched_overlays": int(stats["mismatched_overlays"]),
+        "findings": findings[0],
         "decode_scale_last": scales[-1] if scales else None,
         "stages_ms": stats["stages_ms"],
         "cpu_ms": stats["cpu_ms"],
@@ -593,6 +600,8 @@ def run_capture_bench(
         "frames_inferred": run["frames_inferred"],
         "frames_dropped": run["frames_dropped"],
         "mismatched_overlays": run["mismatched_overlays"],
+        # results that were findings (an outline drawn on their own frame), of frames_inferred
+        "findings": run["findings"],
         # per step of both paths (one thread, same frames), and per stage of the pipeline run
         "stages": cpu["stages"],
         # MJPG: the same frames decoded at 1/8 to gray, the least a software decode of them costs (the

@@ -25,6 +25,7 @@ class Layout:
     kind: str  # "phantom" | "fan" | "linear"
     rect: Rect  # the box the image is drawn in
     seed: int = 0
+    black: bool = False  # the box is black around the image (a scanner's image area), not the UI's colour
 
 
 def _bbox(mask: np.ndarray) -> Rect:
@@ -104,6 +105,8 @@ class ScannerScreen:
         x, y, w, h = lay.rect
         pix, mask = self._images[id(lay)].render(t if image_t is None else image_t)
         roi = img[y : y + h, x : x + w]
+        if lay.black:
+            roi[:] = 0
         roi[mask > 0] = pix[mask > 0][:, None]
         return img
 

@@ -199,14 +199,16 @@ class ReplayCapture:
     ) -> ReplayCapture:
         """A portable scanner's video out as a grabber delivers it: the ultrasound phantom scan-converted
         into a fan on a ``width`` x ``height`` screen with the scanner's chrome around it
-        (``scanner_screen``), ``distinct`` frames rendered and encoded once, then ``count`` frames replayed
+        (``scanner_screen``; black around the fan, as a scanner's image area is), ``distinct`` frames
+        rendered and encoded once, then ``count`` frames replayed
         at ``fps`` in ``fourcc`` (MJPG bytes, packed YUYV or BGR for None). ``screen`` is the ScannerScreen
         (``screen.truth(0)``: where the image is)."""
         from firmware_app.sources.scanner_screen import Layout, ScannerScreen, frames
 
         f = min(width / 1920, height / 1080)
         rect = (int(360 * f), int(90 * f), int(1200 * f) // 2 * 2, int(900 * f) // 2 * 2)
-        screen = ScannerScreen(width, height, (0, Layout("phantom", rect, seed=seed)), fps=max(int(fps), 1))
+        lay = Layout("phantom", rect, seed=seed, black=True)
+        screen = ScannerScreen(width, height, (0, lay), fps=max(int(fps), 1))
         name = f"replay:{fourcc or 'BGR'}:{width}x{height}@{fps:g}"
         cap = cls(frames(screen, distinct), name, fourcc, fps, count, quality)
         cap.screen = screen

@@ -15,8 +15,8 @@ each, CPU time of the thread that does them) + render and display at the share o
 shows. ``spare_core``: bare invoke and pipeline again with one model thread fewer, the pipeline's own
 cost when its threads have a core the model does not use (``cpu_count`` beside it). ``startup_s``:
 process start to the first result on screen, in a fresh process. ``rss_mb``: this process's peak resident
-memory. Each bundled model is fed its own phantom (PHANTOMS); ``--source``
-overrides it. Bare, pipeline and naive runs alternate in ROUNDS rounds of ``frames`` each, after one
+memory, before the spare-core runs (a second interpreter the device never holds). Each bundled model is
+fed its own phantom (PHANTOMS); ``--source`` overrides it. Bare, pipeline and naive runs alternate in ROUNDS rounds of ``frames`` each, after one
 uncounted pipeline round, and each figure is the median of its rounds.
 """
 
@@ -246,6 +246,7 @@ def run_bench(
     paced_stats = pipeline_run(board, model, paced, paced_n, engine_cache)
     paced_bare = bare_invoke(model, chain, sample, paced_n, PACED_FPS)["invoke_ms"]
     render = render_times(board, model, unlimited, engine_cache=engine_cache)
+    rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # before spare_core's runs
     spare = spare_core(board, model, sample, unlimited, frames, engine_cache, data_dir)
     stages = full["stages_ms"]
     # CPU time per analysed frame outside invoke: pre- and post-processing every frame, the screen at the
@@ -274,7 +275,7 @@ def run_bench(
         "mismatched_overlays": sum(f["mismatched_overlays"] for f in fulls)
         + paced_stats["mismatched_overlays"],
         "startup_s": measure_startup(board_ref, model_ref or m.id, data_dir, kind),
-        "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_mb": rss_mb,
         "stages_ms": stages,
         "cpu_ms": cpu,
         "paced_stages_ms": paced_stats["stages_ms"],

@@ -338,7 +338,9 @@ def yuyv_part(
         gray = not coloured(sub[..., 1], sub[..., 3], COLOURED_YUYV, NEUTRAL_YUYV, SURE_YUYV)
     if gray:
         luma = buf.reshape(height, width, 2)[y0:y1:k, x0:x1:k, 0]
-        return cv2.LUT(np.ascontiguousarray(luma), STUDIO_LUMA), (x0, y0)
+        # (np.take, not cv2.LUT: OpenCV spreads a large LUT over its worker threads, and the picture is
+        # then read by the pre-processing from another core's cache: 1.3 instead of 0.7 ms a frame)
+        return np.take(STUDIO_LUMA, luma), (x0, y0)
     sub = np.ascontiguousarray(sub)
     h2, n = sub.shape[:2]
     return cv2.cvtColor(sub.reshape(h2, n * 2, 2), cv2.COLOR_YUV2BGR_YUYV), (x0, y0)

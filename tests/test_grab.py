@@ -382,3 +382,21 @@ def test_yuyv_gray_is_the_full_range_gray_of_the_colour_conversion():
         # every k-th pixel pair's first pixel is also every 2k-th pixel of the gray picture
         np.testing.assert_array_equal(gray[:, ::2], cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)[:, ::2])
     assert gray.min() == 0 and gray.max() > 200  # studio range (16..235) brought to full range
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+def test_a_gray_frame_from_the_planes_is_blacked_out_and_cut_like_any(backend):
+    """Burned-in text blacked out and the board's crop, on the gray path of a gray model, also in the
+    capture at full resolution."""
+    img = np.full((1080, 1920, 3), 200, np.uint8)
+    profile = SourceProfile(crop_rect=(96, 96, 1600, 800), blackout=((96, 96, 301, 51),))
+    src = V4l2Source("v4l2:0", ReplayCapture([img], fourcc="MJPG"), profile=profile)
+    src._decoder = JpegDecoder(backend)
+    src.set_decode_target(size=(200, 100), gray_if_neutral=True)
+    src.open()
+    f = src.read()
+    assert f.meta["decode_scale"] == 8 and f.pixels.shape == (100, 200)  # gray: nothing in it is coloured
+    assert f.meta["imaging_region"] == [96, 96, 1600, 800]
+    assert (f.pixels[:7, :38] == 0).all() and f.pixels[8:, 40:].min() > 150
+    full, _ = full_resolution(f)
+    assert full.shape == (800, 1600) and (full[:51, :301] == 0).all() and full[52:, 302:].min() > 150

@@ -137,6 +137,26 @@ def check_space(data_dir: str) -> Check:
     return Check("data dir", status, detail)
 
 
+def check_jpeg(source: dict) -> Check:
+    """The MJPG decoder a grabber's frames get: libjpeg-turbo (PyTurboJPEG over the OS's libturbojpeg), or
+    OpenCV's reduced decode when it is not usable (it works; the frame costs more CPU)."""
+    name = "mjpg decoder"
+    mjpg = str(source.get("uri", "")).startswith("v4l2:") and str(source.get("fourcc", "MJPG")) == "MJPG"
+    v = _version("PyTurboJPEG")
+    fallback = "MJPG frames are decoded by OpenCV (more CPU a frame)"
+    if v is None:
+        hint = f"pip install 'firmware-app[turbojpeg]' and apt install libturbojpeg0; {fallback}"
+        return Check(name, MISSING if mjpg else OK, hint if mjpg else "not needed by this board's source")
+    try:
+        import turbojpeg
+
+        turbojpeg.TurboJPEG()
+    except Exception as exc:  # noqa: BLE001 - the C library missing, or of another API
+        detail = f"PyTurboJPEG {v} installed but not usable ({str(exc).splitlines()[0]}); {fallback}"
+        return Check(name, MISSING if mjpg else OK, detail)
+    return Check(name, OK, f"libjpeg-turbo through PyTurboJPEG {v} (decode at 1/2..1/8, to Y, Cb, Cr)")
+
+
 def check_clock() -> Check:
     year = time.gmtime().tm_year
     if year < 2024:
@@ -158,6 +178,7 @@ def run_checks(board_ref: str | None, data_dir: str) -> list[Check]:
     checks += check_backends(board)
     checks.append(check_display(board.display["uri"]))
     checks.append(check_devices("capture", ["/dev/video*"], "no /dev/video* (plug in the video grabber)"))
+    checks.append(check_jpeg(board.source))
     checks.append(check_gpio(board.gpio is not None))
     checks.append(check_serial(board.serial.port if board.serial is not None else None))
     checks.append(check_space(data_dir))

@@ -89,6 +89,25 @@ def test_doctor_on_edgetpu_board_reports_missing_accelerator(capsys, tmp_path):
     assert line.startswith("MISSING") and "libedgetpu.so.1" in line
 
 
+def test_doctor_says_which_mjpg_decoder_a_grabber_gets(monkeypatch):
+    from firmware_app import doctor
+
+    grabber, phantom = {"uri": "v4l2:/dev/video0", "fourcc": "MJPG"}, {"uri": "synthetic:ultrasound"}
+    monkeypatch.setattr(doctor, "_version", lambda dist: None)  # PyTurboJPEG not installed
+    line = doctor.check_jpeg(grabber).line()
+    assert line.startswith("MISSING") and "firmware-app[turbojpeg]" in line and "libturbojpeg0" in line
+    assert doctor.check_jpeg(phantom).status == "OK"  # the board's source needs no MJPG decoder
+    import turbojpeg
+
+    def broken() -> None:
+        raise RuntimeError("Unable to locate turbojpeg library automatically.\nsecond line")
+
+    monkeypatch.setattr(doctor, "_version", lambda dist: "1.8.3")
+    monkeypatch.setattr(turbojpeg, "TurboJPEG", broken)  # installed, the C library is not
+    line = doctor.check_jpeg(grabber).line()
+    assert line.startswith("MISSING") and "not usable (Unable to locate" in line and "second" not in line
+
+
 def test_sigterm_stops_the_daemon_cleanly(tmp_path, float_model_dir):
     stats = tmp_path / "stats.json"
     proc = subprocess.Popen(

@@ -2,8 +2,8 @@
 # Install firmware-app on the device (Raspberry Pi, Jetson): service user and groups, the venv under
 # /opt/firmware-app, the board config, models, systemd unit and udev rules; then enable the service.
 #
-#   sudo tools/install-device.sh --board rpi5-coral-usb [--wheels DIR] [--extras gpio,serial] [--no-start]
-#                                [--keep-governor]
+#   sudo tools/install-device.sh --board rpi5-coral-usb [--wheels DIR] [--extras gpio,serial,turbojpeg]
+#                                [--no-start] [--keep-governor]
 #   tools/install-device.sh --board rpi4-cpu --dry-run      # print what it would do, change nothing
 #
 # The box has no network: give --wheels DIR, a wheelhouse made on a PC for the device's platform
@@ -24,7 +24,7 @@ GROUPS_NEEDED=(video gpio dialout)
 UNIT=firmware-app.service
 BOARD=""
 WHEELS=""
-EXTRAS="gpio,serial"
+EXTRAS="gpio,serial,turbojpeg"
 DRY_RUN=0
 START=1
 FORCE_CONFIG=0

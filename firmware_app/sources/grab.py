@@ -264,8 +264,9 @@ def coloured(u: np.ndarray, v: np.ndarray, table: np.ndarray, neutral: int, sure
 def jpeg_part(planes: list[np.ndarray], size: tuple[int, int], rect: Rect, k: int):
     """The imaging region ``rect`` (source pixels) of a JPEG decoded at 1/k to its ``planes`` (a
     ``size`` picture at 1/k): its luma when none of its chroma pairs makes a coloured pixel
-    (COLOURED_JPEG; or the JPEG is gray), else its B, G, R converted from the planes for the region alone -> (pixels, origin), as
-    ``yuyv_part``: ``origin`` the part's corner in source pixels, or (0, 0) with the whole luma."""
+    (COLOURED_JPEG; or the JPEG is gray), else its B, G, R converted from the planes for the region
+    alone -> (pixels, origin), as ``yuyv_part``: ``origin`` the part's corner in source pixels, or (0, 0)
+    with the whole luma."""
     w, h = size
     luma = planes[0][:h, :w]
     if len(planes) == 1:

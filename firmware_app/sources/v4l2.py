@@ -200,8 +200,8 @@ class ReplayCapture:
         """A portable scanner's video out as a grabber delivers it: the ultrasound phantom scan-converted
         into a fan on a ``width`` x ``height`` screen with the scanner's chrome around it
         (``scanner_screen``; black around the fan, as a scanner's image area is), ``distinct`` frames
-        rendered and encoded once, then ``count`` frames replayed
-        at ``fps`` in ``fourcc`` (MJPG bytes, packed YUYV or BGR for None). ``screen`` is the ScannerScreen
+        rendered and encoded once, then ``count`` frames replayed at ``fps`` in ``fourcc`` (MJPG bytes,
+        packed YUYV or BGR for None). ``screen`` is the ScannerScreen
         (``screen.truth(0)``: where the image is)."""
         from firmware_app.sources.scanner_screen import Layout, ScannerScreen, frames
 

@@ -16,8 +16,9 @@ shows. ``spare_core``: bare invoke and pipeline again with one model thread fewe
 cost when its threads have a core the model does not use (``cpu_count`` beside it). ``startup_s``:
 process start to the first result on screen, in a fresh process. ``rss_mb``: this process's peak resident
 memory, before the spare-core runs (a second interpreter the device never holds). Each bundled model is
-fed its own phantom (PHANTOMS); ``--source`` overrides it. Bare, pipeline and naive runs alternate in ROUNDS rounds of ``frames`` each, after one
-uncounted pipeline round, and each figure is the median of its rounds.
+fed its own phantom (PHANTOMS); ``--source`` overrides it. Bare, pipeline and naive runs alternate in
+ROUNDS rounds of ``frames`` each, after one uncounted pipeline round, and each figure is the median of its
+rounds.
 """
 
 from __future__ import annotations
@@ -346,10 +347,7 @@ def _capture_source(cap, board, model: ModelRef):
     from firmware_app.sources.v4l2 import V4l2Source
 
     src = V4l2Source(f"v4l2:{cap.device}", cap, reconnect_s=0.05, profile=board.profile)
-    target = decode_target_for(board, model)
-    src.set_decode_target(
-        target["size"], fit=target["fit"], gray=target["gray"], gray_if_neutral=target["gray_if_neutral"]
-    )
+    src.set_decode_target(**decode_target_for(board, model))
     return src
 
 

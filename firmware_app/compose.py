@@ -127,8 +127,8 @@ def decode_target(manifest: Manifest, image_area: tuple[int, int]) -> dict[str, 
     """What a grabber source must decode for ``manifest``'s model and a screen whose image area is
     ``image_area`` (w, h): the model's input size, the area to fit, and colour: the clinician sees the
     scanner's image (colour Doppler, coloured marks) even when the model reads gray; for a gray model a
-    region without any colour may come gray (``grab.DecodeTarget.gray_if_neutral``). The arguments of
-    ``V4l2Source.set_decode_target``; the capture bench measures the very same."""
+    region without any colour may come gray (``grab.DecodeTarget.gray_if_neutral``). The keyword
+    arguments of ``V4l2Source.set_decode_target``; the capture bench measures the very same."""
     return {
         "size": (manifest.width, manifest.height),
         "fit": tuple(image_area),
@@ -143,10 +143,7 @@ def decode_for(pipeline: Pipeline, model: ModelRef | None = None) -> None:
     set_target = getattr(pipeline.source, "set_decode_target", None)
     if set_target is not None:
         area = pipeline.screen.image_region
-        target = decode_target((model or pipeline.model).manifest, (area.w, area.h))
-        set_target(
-            target["size"], fit=target["fit"], gray=target["gray"], gray_if_neutral=target["gray_if_neutral"]
-        )
+        set_target(**decode_target((model or pipeline.model).manifest, (area.w, area.h)))
 
 
 def compose_pipeline(

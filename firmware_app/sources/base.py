@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from firmware_app.errors import BadFrame, BadSource
-from firmware_app.sources.profile import SourceProfile
+from firmware_app.sources.profile import SourceProfile, shift_rect
 from firmware_app.sources.region import Region
 from firmware_app.sources.region_detect import RegionDetector
 from firmware_app.types import Frame
@@ -185,10 +185,8 @@ class Source:
             whole = scaled_size(*full, k) if origin != (0, 0) else size
             profile, rect = scaled_profile(self.profile, k, whole), scale_rect_in(rect, k, whole)
         if origin != (0, 0):
-            profile, rect = (
-                profile.shifted(-(origin[0] // k), -(origin[1] // k)),
-                _shift(rect, -(origin[0] // k), -(origin[1] // k)),
-            )
+            dx, dy = -(origin[0] // k), -(origin[1] // k)
+            profile, rect = profile.shifted(dx, dy), shift_rect(rect, dx, dy)
         try:
             pixels = profile.apply(pixels, rect)
         except ValueError as exc:  # a frame of another size than the profile was measured on
@@ -213,10 +211,6 @@ class Source:
         )
         self._next_id += 1
         return frame
-
-
-def _shift(rect: tuple[int, int, int, int], dx: int, dy: int) -> tuple[int, int, int, int]:
-    return (rect[0] + dx, rect[1] + dy, rect[2], rect[3])
 
 
 def _num_param(uri: str, params: dict[str, str], name: str, default, minimum, kind: type, what: str):

@@ -141,6 +141,14 @@ def scale_rect_out(rect: Rect, k: int) -> Rect:
     return (x0, y0, -(-(x + w) // k) - x0, -(-(y + h) // k) - y0)
 
 
+def part_rect(rect: Rect, k: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) at 1/k of a ``size`` picture: the part that covers the source-pixel ``rect``
+    (rounded outwards, within the picture): what a frame converted only where needed holds."""
+    x0, y0, w, h = scale_rect_out(rect, k)
+    x0, y0 = max(0, x0), max(0, y0)
+    return x0, y0, min(size[0], x0 + w), min(size[1], y0 + h)
+
+
 def scaled_profile(profile: SourceProfile, k: int, size: tuple[int, int]) -> SourceProfile:
     """``profile`` for the picture decoded at 1/k (``size``): crop inwards, blackout outwards."""
     if k == 1:
@@ -271,9 +279,7 @@ def jpeg_part(planes: list[np.ndarray], size: tuple[int, int], rect: Rect, k: in
     luma = planes[0][:h, :w]
     if len(planes) == 1:
         return luma, (0, 0)
-    x0, y0, rw, rh = scale_rect_out(rect, k)
-    x0, y0 = max(0, x0), max(0, y0)
-    x1, y1 = min(w, x0 + rw), min(h, y0 + rh)
+    x0, y0, x1, y1 = part_rect(rect, k, size)
     cb, cr = planes[1], planes[2]
     fy, fx = planes[0].shape[0] // cb.shape[0], planes[0].shape[1] // cb.shape[1]
     cy0, cx0, cy1, cx1 = y0 // fy, x0 // fx, -(-y1 // fy), -(-x1 // fx)

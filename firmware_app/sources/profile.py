@@ -17,6 +17,11 @@ from firmware_app.errors import BadConfig
 Rect = tuple[int, int, int, int]
 
 
+def shift_rect(rect: Rect, dx: int, dy: int) -> Rect:
+    """``rect`` moved by (dx, dy)."""
+    return (rect[0] + dx, rect[1] + dy, rect[2], rect[3])
+
+
 @dataclass(frozen=True)
 class SourceProfile:
     crop_rect: Rect | None = None  # x, y, w, h
@@ -42,10 +47,8 @@ class SourceProfile:
 
     def shifted(self, dx: int, dy: int) -> SourceProfile:
         """The same profile for a picture whose origin is (-dx, -dy) of this one's (a part of it)."""
-        crop = self.crop_rect
-        if crop is not None:
-            crop = (crop[0] + dx, crop[1] + dy, crop[2], crop[3])
-        return SourceProfile(crop, tuple((x + dx, y + dy, w, h) for x, y, w, h in self.blackout))
+        crop = shift_rect(self.crop_rect, dx, dy) if self.crop_rect is not None else None
+        return SourceProfile(crop, tuple(shift_rect(r, dx, dy) for r in self.blackout))
 
     def apply(self, img: np.ndarray, rect: Rect | None = None) -> np.ndarray:
         """Black out the burned-in text (full-frame coordinates), then crop to ``rect`` (default: the

@@ -38,7 +38,7 @@ from firmware_app.sources.grab import (
     jpeg_part,
     jpeg_size,
     neutral_bgr,
-    scale_rect_out,
+    part_rect,
     scaled_size,
     yuyv_frame,
     yuyv_luma,
@@ -375,9 +375,8 @@ class V4l2Source(Source):
         whole picture, and the imaging region is passed on gray when none of its pixels is coloured."""
         self._check_size(img, fourcc, size, k)
         self.watch_region(img, k, self._detect_scale(*size))
-        x0, y0, rw, rh = scale_rect_out(self.imaging_region(*size).rect, k)
-        x0, y0 = max(0, x0), max(0, y0)
-        part = img[y0 : y0 + rh, x0 : x0 + rw]
+        x0, y0, x1, y1 = part_rect(self.imaging_region(*size).rect, k, scaled_size(*size, k))
+        part = img[y0:y1, x0:x1]
         if neutral_bgr(part):
             part = cv2.cvtColor(part, cv2.COLOR_BGR2GRAY)
         return self._part_frame(part, (x0 * k, y0 * k), fourcc, buf, size, k, t, meta)
